@@ -90,7 +90,9 @@ def save_json(obj, path):
 
 def load_sd(path, device="cpu", dtype=torch.float32):
     """(tokenizer, text_encoder, vae, unet, scheduler) of an SD-format model: hub id or local folder.
-    All frozen (requires_grad False, eval mode); the scheduler is DDIM with trailing spacing."""
+    All frozen (requires_grad False, eval mode). The scheduler is DDIM with trailing spacing (1 step starts at
+    t=T-1, not at the legacy 'leading' t=1) and a final alpha of 1 (the last step returns x0, not x0 re-noised
+    to t=0); the model's own noise schedule and prediction type are kept."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     if os.path.sep in path or path.startswith("."):  # looks like a folder, not a hub id
@@ -103,7 +105,8 @@ def load_sd(path, device="cpu", dtype=torch.float32):
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", timestep_spacing="trailing")
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", timestep_spacing="trailing",
+                                                  set_alpha_to_one=True)
     except OSError as e:
         raise SystemExit(f"model error: cannot load '{path}': {str(e).splitlines()[0]}")
     for m in (text_encoder, vae, unet):
@@ -143,23 +146,16 @@ def guided_unet(unet, x, t, cond, uncond, guidance):
     return out_uncond + guidance * (out_cond - out_uncond)
 
 
-def trailing_timesteps(num_train_timesteps, steps):
-    """DDIM 'trailing' spacing: starts at T-1 (999 for SD) for any number of steps."""
-    return (np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)) - 1).astype(np.int64)
-
-
 @torch.no_grad()
 def ddim_sample(unet, scheduler, x_T, cond, uncond, steps, guidance):
-    """Deterministic DDIM (eta 0) from x_T to x0 latents; with steps=1 it is the one-step x0 at t=T-1."""
-    alphas = scheduler.alphas_cumprod
-    pred_type = scheduler.config.prediction_type
-    ts = trailing_timesteps(scheduler.config.num_train_timesteps, steps)
+    """Deterministic DDIM (eta 0) from x_T to x0 latents with diffusers' own DDIMScheduler.step, so that it
+    equals StableDiffusionPipeline with the same scheduler. With the scheduler from load_sd (trailing spacing,
+    final alpha 1) steps=1 is exactly the one-step x0 at t=T-1, and the last step of N lands on x0."""
+    scheduler.set_timesteps(steps)
     x = x_T.float()
-    for i, t in enumerate(ts):
-        out = guided_unet(unet, x.to(unet.dtype), int(t), cond, uncond, guidance)
-        x0, eps = predict_x0_eps(out, x, alphas[t], pred_type)
-        a_prev = alphas[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    for t in scheduler.timesteps:
+        out = guided_unet(unet, x.to(unet.dtype), t.to(x.device), cond, uncond, guidance)
+        x = scheduler.step(out.float(), t, x).prev_sample
     return x
 
 

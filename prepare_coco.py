@@ -46,7 +46,7 @@ def load_coco(path, limit):
             coco = json.load(f)
     except ValueError as e:
         raise SystemExit(f"prepare_coco: {path} is not valid JSON ({e})")
-    if not (isinstance(coco, dict) and isinstance(coco.get("images"), list) and isinstance(coco.get("annotations"), list)):
+    if not (isinstance(coco, dict) and all(isinstance(coco.get(k), list) for k in ("images", "annotations"))):
         raise SystemExit(f"prepare_coco: {path} is not a COCO captions file (needs 'images' and 'annotations' lists)")
     caps = {}
     try:
@@ -92,7 +92,8 @@ def already_done(items, out, split, r, paths):
         return False
     size = os.path.getsize(paths["images"]) if os.path.exists(paths["images"]) else None
     return ((m["N"], m["H"], m["W"]) == (len(kept), r, r) and size == (len(kept) * r * r * 3 if r else None)
-            and sorted(kept + skipped) == sorted(name for _, name, _ in items) and not os.path.exists(paths["progress"]))
+            and sorted(kept + skipped) == sorted(name for _, name, _ in items)
+            and not os.path.exists(paths["progress"]))
 
 
 def convert_images(items, cfg, tmp, progress, save_json):
@@ -144,7 +145,8 @@ def main(argv):
     cfg = configure(globals(), argv)
     out, split, r = cfg["out"], cfg["split"], cfg["resolution"]
     if r < 0 or r % 8:
-        raise SystemExit(f"prepare_coco: resolution={r} is not a multiple of 8 (the VAE downsamples by 8); 0 = captions only")
+        raise SystemExit(f"prepare_coco: resolution={r} is not a multiple of 8 (the VAE downsamples by 8); "
+                         "0 = captions only")
     if cfg["workers"] < 1 or cfg["limit"] < 0:
         raise SystemExit(f"prepare_coco: workers must be >= 1 and limit >= 0 (got {cfg['workers']}, {cfg['limit']})")
     if r and not os.path.isdir(cfg["images"]):
@@ -152,11 +154,11 @@ def main(argv):
     items = load_coco(cfg["annotations"], cfg["limit"])
     if not items:
         raise SystemExit(f"prepare_coco: {cfg['annotations']} lists no captioned images")
-    paths = {k: os.path.join(out, f"{split}_{name}") for k, name in
-             (("images", "images.u8"), ("captions", "captions.jsonl"), ("skipped", "skipped.txt"), ("progress", "progress.json"))}
+    paths = {k: os.path.join(out, f"{split}_{name}") for k, name in (("images", "images.u8"), ("captions", "captions.jsonl"),
+             ("skipped", "skipped.txt"), ("progress", "progress.json"))}
     tmp = paths["images"] + ".partial"
     if already_done(items, out, split, r, paths):
-        print(f"{split}: already done ({len(items)} images in {out}); nothing to do")
+        print(f"{split}: already done in {out} with these settings; nothing to do")
         return
     os.makedirs(out, exist_ok=True)
     skipped = convert_images(items, cfg, tmp, paths["progress"], save_json) if r else []

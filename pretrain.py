@@ -134,10 +134,11 @@ def build_models(tokenizer, resolution):
 
 def make_scheduler():
     """Stable Diffusion's noise schedule (scaled linear betas, 1000 steps, epsilon), DDIM with trailing
-    spacing so that diffusers pipelines loading it start at t=999 for any step count."""
+    spacing and final alpha 1, so that diffusers pipelines loading it start at t=999 for any step count
+    and end on the x0 prediction (the same scheduler load_sd makes from any SD model)."""
     from diffusers import DDIMScheduler
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+                         clip_sample=False, set_alpha_to_one=True, steps_offset=1, prediction_type="epsilon",
                          timestep_spacing="trailing")
 
 
@@ -244,6 +245,7 @@ def main(argv):
         opt_vae.load_state_dict(ck["opt_vae"])
         opt.load_state_dict(ck["opt"])
         it = ck["iter"]
+        vae.register_to_config(scaling_factor=ck["scaling_factor"])
         data_gen.set_state(ck["data_gen"][d.rank] if d.world_size == len(ck["data_gen"]) else ck["data_gen"][0])
         set_rng_state(ck["rng"][d.rank] if d.world_size == len(ck["rng"]) else ck["rng"][0])
         print(f"resumed from {out_dir}/ckpt.pt at iteration {it}")
@@ -281,6 +283,7 @@ def main(argv):
         if d.master:
             atomic_save({"vae": vae.state_dict(), "denoiser": denoiser.state_dict(), "ema": ema.state_dict(),
                          "opt_vae": opt_vae.state_dict(), "opt": opt.state_dict(), "iter": it,
+                         "scaling_factor": vae.config.scaling_factor,
                          "data_gen": [s[0] for s in states], "rng": [s[1] for s in states], "config": config},
                         os.path.join(out_dir, "ckpt.pt"))
 

@@ -1,4 +1,41 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_tiny_sd(folder, prediction_type="epsilon", seed=0):
+    """A tiny random model of Stable Diffusion's classes, saved as an SD folder (what the hub would give)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    import pretrain
+    torch.manual_seed(seed)
+    saved = pretrain.vae_channels, pretrain.unet_channels, pretrain.layers_per_block, pretrain.text_width
+    pretrain.vae_channels, pretrain.unet_channels, pretrain.layers_per_block, pretrain.text_width = (16, 16), (32, 32), 1, 32
+    try:
+        tokenizer = pretrain.build_tokenizer(["a photo of a sneaker", "a bag", "an ankle boot"], 16)
+        vae, unet, text_encoder = pretrain.build_models(tokenizer, 16)
+    finally:
+        pretrain.vae_channels, pretrain.unet_channels, pretrain.layers_per_block, pretrain.text_width = saved
+    scheduler = pretrain.make_scheduler()
+    scheduler.register_to_config(prediction_type=prediction_type)
+    with torch.no_grad():  # random weights give outputs of a realistic size, not ~0
+        for p in unet.conv_out.parameters():
+            p.normal_(0, 0.05)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
+                            ).save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v"), prediction_type="v_prediction")

@@ -1,4 +1,6 @@
 """pretrain.py: a tiny SD-format model from scratch, resumable bit-exactly, loadable by diffusers."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,9 @@ def test_resume_continues_bit_exactly(tiny_data, tmp_path, monkeypatch, kill_aft
     resumed = load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))
 
     assert resumed["iter"] == straight["iter"] == 4
+    assert resumed["scaling_factor"] == straight["scaling_factor"] != 1.0
+    vae_config = [json.loads((tmp_path / run / "model" / "vae" / "config.json").read_text()) for run in ("straight", "killed")]
+    assert vae_config[0]["scaling_factor"] == vae_config[1]["scaling_factor"]  # the exported model too
     for part in ("vae", "denoiser", "ema"):
         for k, v in straight[part].items():
             assert torch.equal(v, resumed[part][k]), f"{part}.{k} differs after resume"

@@ -1,0 +1,177 @@
+"""
+Generate images with an SD-format model, in one step or many, optionally with a HiPA LoRA (merged into
+the UNet's weights, so it costs nothing at inference) or a D2O UNet.
+
+    python sample.py --model=assets/tiny-sd-fmnist --prompts="a photo of a sneaker" --num_per_prompt=8
+    python sample.py --lora=out/hipa-fmnist/pytorch_lora_weights.safetensors --compare=True
+    torchrun --nproc_per_node=8 sample.py --model=stabilityai/stable-diffusion-2-1-base \
+        --lora=... --prompts=coco30k.txt --out_dir=out/coco30k --grid=False
+
+Image i (over prompts x num_per_prompt, prompt-major) uses prompt i // num_per_prompt and noise from seed + i,
+and is written as out_dir/{i:06d}.png, whatever the batch size or number of ranks (rank r makes i % world == r).
+out_dir/metadata.jsonl has one line per image: file_name, prompt, seed, steps, guidance.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from common import (autocast, ddim_sample, decode, encode_prompts, images_to_tensor, load_sd, save_grid, setup_ddp,
+                    write_jsonl)
+
+# ----------------------------------------------------------------------------- config
+model = "assets/tiny-sd-fmnist"  # SD-format model: hub id or folder
+lora = None  # HiPA adaptor (pytorch_lora_weights.safetensors), merged into the UNet
+unet = None  # D2O UNet folder (UNet2DConditionModel.save_pretrained), replaces the model's UNet
+prompts = "a photo of a sneaker"  # one prompt, or a .txt file with one prompt per line
+num_per_prompt = 4
+steps = 1  # denoising steps (DDIM, trailing spacing): 1 is one network call
+guidance = 2.0  # classifier-free guidance scale; <= 1 turns it off (half the UNet work)
+seed = 0  # image i uses seed + i
+batch_size = 64
+height = 0  # 0: the model's native size
+width = 0
+out_dir = "out/samples"
+grid = True  # also write grid.png (the first 64 images)
+compare = False  # instead: compare.png, rows of teacher (teacher_steps) | base 1-step | adapted 1-step, same noise
+teacher_steps = 25
+skip_existing = True  # resume a big job: images already on disk are not made again
+device = "auto"
+dtype = "auto"  # 'auto' (fp16 on CUDA, fp32 on CPU), 'float32', 'bfloat16', 'float16'
+# -----------------------------------------------------------------------------
+
+
+def read_prompts(spec):
+    """A .txt file (one prompt per line, blank lines skipped) or a single prompt string."""
+    if spec.endswith(".txt"):
+        if not os.path.exists(spec):
+            raise SystemExit(f"sample error: prompt file {spec} not found")
+        with open(spec) as f:
+            lines = [line.strip() for line in f if line.strip()]
+        if not lines:
+            raise SystemExit(f"sample error: prompt file {spec} is empty")
+        return lines
+    return [spec]
+
+
+def merge_lora(unet, path):
+    """W <- W + B A for every adapted layer, from a diffusers-format LoRA file (keys
+    'unet.<module>.lora_A.weight' / '.lora_B.weight', alpha / rank already folded into B)."""
+    from safetensors.torch import load_file
+    if not os.path.exists(path):
+        raise SystemExit(f"sample error: LoRA file {path} not found")
+    state = load_file(path)
+    modules = dict(unet.named_modules())
+    pairs = {k[len("unet."):-len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")}
+    if not pairs:
+        raise SystemExit(f"sample error: {path} has no 'unet.*.lora_A.weight' keys; not a diffusers LoRA file")
+    for name in sorted(pairs):
+        if name not in modules:
+            raise SystemExit(f"sample error: {path} adapts '{name}', which this UNet does not have (wrong base model?)")
+        layer = modules[name]
+        A, B = state[f"unet.{name}.lora_A.weight"].float(), state[f"unet.{name}.lora_B.weight"].float()
+        delta = (B.flatten(1) @ A.flatten(1)).view_as(layer.weight)
+        with torch.no_grad():
+            layer.weight += delta.to(layer.weight.dtype)
+    return len(pairs)
+
+
+def noise_for(indices, shape, base_seed):
+    """x_T for images `indices`: image i's noise depends only on seed + i (not on batch or rank)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(base_seed + i)) for i in indices])
+
+
+@torch.no_grad()
+def generate(unet_, vae, scheduler, text, batch_prompts, x_T, n_steps, w):
+    """Images in [0, 1] for a batch: each distinct prompt encoded once, one UNet call per step
+    (cond and uncond batched), one VAE decode."""
+    tokenizer, text_encoder, uncond1 = text
+    unique = sorted(set(batch_prompts))
+    emb = encode_prompts(tokenizer, text_encoder, unique)
+    cond = emb[[unique.index(p) for p in batch_prompts]].to(unet_.dtype)
+    uncond = uncond1.expand(len(batch_prompts), -1, -1).to(unet_.dtype) if w > 1 else None
+    return decode(vae, ddim_sample(unet_, scheduler, x_T, cond, uncond, n_steps, w))
+
+
+def main(argv):
+    from configurator import configure
+    configure(globals(), argv)
+    d = setup_ddp(device)
+    dt = {"auto": torch.float16 if d.device.type == "cuda" else torch.float32, "float32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    all_prompts = read_prompts(prompts)
+    tokenizer, text_encoder, vae, base_unet, scheduler = load_sd(model, d.device, dt)
+    vae.to(torch.float32)  # decode in fp32: fp16 SD VAEs overflow
+    adapted = base_unet
+    if unet is not None:
+        from diffusers import UNet2DConditionModel
+        if not os.path.isdir(unet):
+            raise SystemExit(f"sample error: UNet folder {unet} not found")
+        adapted = UNet2DConditionModel.from_pretrained(unet, torch_dtype=dt).to(d.device).eval()
+    if lora is not None:
+        if compare:
+            import copy
+            adapted = copy.deepcopy(adapted)
+        n = merge_lora(adapted, lora)
+        if d.master:
+            print(f"merged LoRA of {n} layers from {lora}")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    h = height or base_unet.config.sample_size * factor
+    w_ = width or base_unet.config.sample_size * factor
+    if h % factor or w_ % factor:
+        raise SystemExit(f"sample error: height and width must be multiples of {factor}, got {h}x{w_}")
+    shape = (base_unet.config.in_channels, h // factor, w_ // factor)
+    text = (tokenizer, text_encoder, encode_prompts(tokenizer, text_encoder, [""]))
+    os.makedirs(out_dir, exist_ok=True)
+
+    if compare:  # one picture: what the adaptation changed, for the first few prompts
+        idx = [p * num_per_prompt + j for p in range(min(len(all_prompts), 8)) for j in range(min(num_per_prompt, 4))]
+        ps = [all_prompts[i // num_per_prompt] for i in idx]
+        x_T = noise_for(idx, shape, seed).to(d.device)
+        cols = [generate(base_unet, vae, scheduler, text, ps, x_T, teacher_steps, guidance),
+                generate(base_unet, vae, scheduler, text, ps, x_T, 1, guidance),
+                generate(adapted, vae, scheduler, text, ps, x_T, 1, guidance)]
+        if d.master:
+            save_grid(torch.stack(cols, 1).flatten(0, 1), os.path.join(out_dir, "compare.png"), nrow=3)
+            print(f"wrote {out_dir}/compare.png: columns teacher {teacher_steps}-step | base 1-step | adapted 1-step")
+        return
+
+    total = len(all_prompts) * num_per_prompt
+    mine = [i for i in range(d.rank, total, d.world_size)
+            if not (skip_existing and os.path.exists(os.path.join(out_dir, f"{i:06d}.png")))]
+    t0, made = time.time(), 0
+    for start in tqdm(range(0, len(mine), batch_size), disable=not d.master, desc="sampling"):
+        idx = mine[start: start + batch_size]
+        x_T = noise_for(idx, shape, seed).to(d.device)
+        with autocast(d.device):
+            images = generate(adapted, vae, scheduler, text, [all_prompts[i // num_per_prompt] for i in idx],
+                              x_T, steps, guidance)
+        arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+        for i, a in zip(idx, arr):
+            path = os.path.join(out_dir, f"{i:06d}.png")
+            Image.fromarray(a).save(path + ".tmp.png")
+            os.replace(path + ".tmp.png", path)
+        made += len(idx)
+    if made and d.master:
+        print(f"{made * d.world_size / (time.time() - t0):.1f} images/s ({steps} step{'s' * (steps > 1)}, "
+              f"guidance {guidance}, {d.world_size} rank{'s' * (d.world_size > 1)})")
+    if d.ddp:
+        torch.distributed.barrier()
+    if d.master:
+        write_jsonl([{"file_name": f"{i:06d}.png", "prompt": all_prompts[i // num_per_prompt], "seed": seed + i,
+                      "steps": steps, "guidance": guidance} for i in range(total)],
+                    os.path.join(out_dir, "metadata.jsonl"))
+        if grid:
+            first = np.stack([np.array(Image.open(os.path.join(out_dir, f"{i:06d}.png"))) for i in range(min(total, 64))])
+            save_grid(images_to_tensor(first) / 2 + 0.5, os.path.join(out_dir, "grid.png"), nrow=max(1, min(num_per_prompt, 8)))
+        print(f"wrote {total} images and metadata.jsonl to {out_dir}")
+    if d.ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
