@@ -86,6 +86,8 @@ def configure(g, argv, print_config=True):
     if any(a in ("-h", "--help") for a in argv):
         print_help(script, keys)
         raise SystemExit(0)
+    for key, (default, _) in keys.items():  # start from the defaults, so that main() can be called again
+        g[key] = default
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")

@@ -72,3 +72,9 @@ def test_help_lists_every_key_with_default_and_comment(script, capsys):
     for line in ["--batch_size = 64  # global batch", "--lora", "= None  # optional path", "--betas"]:
         assert line in out
     assert "NOT_A_KEY" not in out and "_private" not in out
+
+
+def test_each_call_starts_from_the_defaults(script):
+    configure(script, ["--batch_size=16"], print_config=False)
+    cfg = configure(script, ["--lr=2e-4"], print_config=False)  # e.g. a test calling main() twice
+    assert cfg["batch_size"] == 64

@@ -1,0 +1,572 @@
+"""
+HiPA: High-frequency-Promoting Adaptation (papers/hipa.txt), one-step text-to-image with a LoRA.
+
+A low-rank adaptor on the frozen UNet is trained so that the adapted model's ONE-step image matches the
+frozen model's N-step (15) image from the same noise and prompt, with a perceptual loss on the image and on
+its high frequencies (Eq. 1-3):
+
+    L = DISTS(x1, xT) + DISTS(HP(x1), HP(xT)) + DISTS(Sobel(x1), Sobel(xT))
+
+x1: student image (LoRA on, one UNet call at t = T-1), xT: teacher image (same UNet with LoRA off, N-step
+DDIM, guidance 2). The teacher's targets depend only on (prompt, noise seed): they are computed once and
+cached, and every epoch reuses them.
+
+    python hipa.py config/fmnist_hipa.py                                  # the laptop run (~10 min CPU)
+    torchrun --nproc_per_node=8 hipa.py config/coco_hipa.py               # the paper's run
+    python hipa.py config/fmnist_hipa.py --init_from=resume               # continue a run
+
+Reads top to bottom: config, LoRA, losses (DISTS, high-pass, Sobel), teacher targets, training loop.
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
+                    guided_unet, load_checkpoint, load_sd, load_split, peak_memory_gb, predict_x0_eps, rng_state,
+                    save_grid, save_json, set_rng_state, setup_ddp)
+
+# ----------------------------------------------------------------------------- config
+model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
+data_dir = "data/fmnist"  # prepared data: only the captions are read (the teacher makes the targets)
+split = "train"
+num_examples = 0  # (prompt, noise) pairs per epoch; 0 = one per caption row of the split
+out_dir = "out/hipa-fmnist"
+init_from = "scratch"  # 'scratch' or 'resume' (out_dir/ckpt.pt)
+resolution = 0  # image size; 0 = the model's native size
+# LoRA: W' = W + (alpha / rank) B A on every Linear/Conv2d whose name ends with a target
+lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's attention projections
+lora_rank = 16
+lora_alpha = 16.0
+# teacher (LoRA off) and student (LoRA on)
+teacher_steps = 15  # DDIM steps, trailing spacing
+guidance = 2.0  # classifier-free guidance of the teacher and of the one-step student
+teacher_cache = True  # compute the teacher's targets once (fp16 latents on disk) instead of every epoch
+cache_dir = "out/hipa_cache"
+# loss
+loss = "hipa"  # 'hipa' (DISTS on image, high-pass, Sobel); Table 1 rows: 'l2', 'l2+low', 'l2+high'
+w_spatial = 1.0  # weights of the three terms
+w_fft = 1.0
+w_sobel = 1.0
+hp_radius = 0.25  # ideal high/low-pass cut-off radius, as a fraction of the Nyquist frequency
+vgg_weights = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16 (URL or path)
+dists_weights = "https://github.com/dingkeyan93/DISTS/raw/master/DISTS_pytorch/weights.pt"  # alpha, beta (URL or path)
+# optimisation
+epochs = 5
+batch_size = 64  # global batch, over all ranks and micro-steps
+grad_accum = 1
+lr = 1e-4
+warmup_iters = 50
+weight_decay = 0.0
+grad_clip = 1.0
+ema_decay = 0.0  # EMA of the LoRA weights (0: off); the export uses the EMA when on
+# logging, evaluation, checkpoints
+log_interval = 10
+eval_interval = 100  # validation grid every this many iterations (and at the end)
+ckpt_interval = 100
+num_val_prompts = 8
+# system
+device = "auto"
+compile = False  # torch.compile the student UNet (checked against eager gradients first)
+compile_backend = "inductor"
+grad_checkpointing = False  # trade compute for memory in the UNet and VAE decoder (SD at 512)
+seed = 0
+# -----------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+class LoRA(nn.Module):
+    """y = base(x) + (alpha / r) B(A(x)), on a frozen Linear or Conv2d. A: r x in (Kaiming-uniform, as peft),
+    B: out x r (zeros), so training starts exactly at the frozen model. `enabled` off gives the teacher."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / rank, True
+        if isinstance(base, nn.Linear):
+            self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+            self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        else:  # Conv2d: A has the base's kernel and stride, B is 1x1
+            self.lora_A = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.float(), self.lora_B.float()  # trainable params in fp32 even when the base is bf16
+
+    def forward(self, x):
+        out = self.base(x)
+        if self.enabled:
+            out = out + self.scale * self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(out.dtype)
+        return out
+
+
+def add_lora(unet, targets, rank, alpha):
+    """Wrap every Linear/Conv2d whose qualified name ends with one of `targets`. Returns {name: LoRA}."""
+    if rank < 1:
+        raise SystemExit(f"config error: lora_rank must be >= 1, got {rank}")
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    chosen = {n: m for n, m in layers.items() if any(n == t or n.endswith("." + t) for t in targets)}
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in chosen)]
+    if unmatched:
+        if not any(".attn" in n for n in layers) and any(t.startswith("to_") for t in unmatched):
+            raise SystemExit("config error: this UNet has no attention layers; set lora_targets to convolutions, "
+                             "e.g. ('conv1', 'conv2')")
+        candidates = sorted({n.split(".")[-1] if not n.endswith(".0") else ".".join(n.split(".")[-2:]) for n in layers})
+        raise SystemExit(f"config error: lora_targets {unmatched} match no layer of the UNet; candidates: {candidates}")
+    loras = {}
+    for name, base in chosen.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        lora = LoRA(base, rank, alpha).to(base.weight.device)
+        setattr(parent, child, lora)
+        loras[name] = lora
+    return loras
+
+
+def set_lora(loras, enabled):
+    for m in loras.values():
+        m.enabled = enabled
+
+
+def lora_state(loras, ema=None):
+    """diffusers' LoRA format: 'unet.<module>.lora_A.weight' / 'lora_B.weight', (alpha / rank) folded into B,
+    so that StableDiffusionPipeline.load_lora_weights(...) gives back exactly this adaptor."""
+    params = dict(zip(lora_param_names(loras), ema)) if ema is not None else None
+    out = {}
+    for name, m in loras.items():
+        A = params[f"{name}.lora_A.weight"] if params else m.lora_A.weight
+        B = params[f"{name}.lora_B.weight"] if params else m.lora_B.weight
+        out[f"unet.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
+        out[f"unet.{name}.lora_B.weight"] = (B.detach().float() * m.scale).cpu().contiguous()
+    return out
+
+
+def lora_param_names(loras):
+    return [f"{n}.{ab}.weight" for n in loras for ab in ("lora_A", "lora_B")]
+
+
+def lora_params(loras):
+    return [getattr(m, ab).weight for m in loras.values() for ab in ("lora_A", "lora_B")]
+
+
+# ----------------------------------------------------------------------------- losses
+# DISTS (Ding et al. 2020), as the reference DISTS_pytorch computes it: VGG16 with L2 pooling instead of
+# max pooling, six stages (the raw image and relu1_2 .. relu5_3), texture and structure similarity per channel.
+
+VGG16_CFG = [64, 64, "L2", 128, 128, "L2", 256, 256, 256, "L2", 512, 512, 512, "L2", 512, 512, 512]
+DISTS_STAGE_ENDS = (3, 8, 15, 22, 29)  # indices in `features` of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+STANDIN_WIDTH = 0.25  # the offline stand-in's VGG16 is a quarter as wide: 16x cheaper, for CPU runs
+
+
+class L2Pool(nn.Module):
+    """sqrt(blur(x^2)): a 3x3 [1,2,1]x[1,2,1]/16 depthwise blur, stride 2, padding 1 (anti-aliased pooling)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        g = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (g[:, None] * g[None, :] / 16).expand(channels, 1, 3, 3).clone())
+
+    def forward(self, x):
+        return (F.conv2d(x ** 2, self.kernel, stride=2, padding=1, groups=x.shape[1]) + 1e-12).sqrt()
+
+
+class DISTS(nn.Module):
+    def __init__(self, width=1.0):
+        super().__init__()
+        layers, c_in = [], 3
+        for v in VGG16_CFG:  # same indices as torchvision's vgg16().features, so its weights load as they are
+            if v == "L2":
+                layers.append(L2Pool(c_in))
+            else:
+                layers += [nn.Conv2d(c_in, int(v * width), 3, padding=1), nn.ReLU()]
+                c_in = int(v * width)
+        self.features = nn.Sequential(*layers)
+        self.channels = [3] + [self.features[i - 1].out_channels for i in DISTS_STAGE_ENDS]  # 1475 at full width
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.register_buffer("alpha", torch.full((sum(self.channels),), 0.5 / sum(self.channels)))
+        self.register_buffer("beta", torch.full((sum(self.channels),), 0.5 / sum(self.channels)))
+
+    def stages(self, x):
+        feats, h, start = [x], (x - self.mean) / self.std, 0  # stage 0 is the raw image
+        for end in DISTS_STAGE_ENDS:
+            h = self.features[start: end + 1](h)
+            feats.append(h)
+            start = end + 1
+        return feats
+
+    def forward(self, x, y, c1=1e-6, c2=1e-6):
+        """Per-image DISTS distance of images in [0, 1] (B,), fp32."""
+        w_sum = self.alpha.sum() + self.beta.sum()
+        alphas = torch.split(self.alpha / w_sum, self.channels)
+        betas = torch.split(self.beta / w_sum, self.channels)
+        dist = 0
+        for fx, fy, a, b in zip(self.stages(x), self.stages(y), alphas, betas):
+            mx, my = fx.mean([2, 3]), fy.mean([2, 3])
+            vx, vy = fx.var([2, 3], unbiased=False), fy.var([2, 3], unbiased=False)
+            cov = (fx * fy).mean([2, 3]) - mx * my
+            texture = (2 * mx * my + c1) / (mx ** 2 + my ** 2 + c1)
+            structure = (2 * cov + c2) / (vx + vy + c2)
+            dist = dist + (a * texture).sum(1) + (b * structure).sum(1)
+        return 1 - dist
+
+
+def fetch(spec, cache):
+    """Local path of a weights file given as a path or URL (downloaded once into `cache`), or None."""
+    if os.path.exists(spec):
+        return spec
+    if not spec.startswith(("http://", "https://")):
+        return None
+    path = os.path.join(cache, os.path.basename(spec))
+    if not os.path.exists(path):
+        try:
+            os.makedirs(cache, exist_ok=True)
+            urllib.request.urlretrieve(spec, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        except OSError:
+            return None
+    return path
+
+
+def load_dists(vgg_spec, dists_spec, cache, verbose=True):
+    """DISTS with torchvision's ImageNet VGG16 and the authors' alpha/beta (loaded with weights_only=True).
+    If either is unreachable (offline), a deterministic stand-in, announced loudly: VGG16 at STANDIN_WIDTH with
+    seeded random weights and uniform alpha = beta. Random deep features still measure texture and structure
+    (e.g. Ulyanov et al. 2018), but numbers from it are not comparable with the paper's."""
+    vgg, ab = fetch(vgg_spec, cache), fetch(dists_spec, cache)
+    net = DISTS(1.0 if vgg and ab else STANDIN_WIDTH)
+    if vgg and ab:
+        state = torch.load(vgg, map_location="cpu", weights_only=True)
+        net.features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")},
+                                     strict=False)
+        w = torch.load(ab, map_location="cpu", weights_only=True)
+        net.alpha.copy_(w["alpha"].flatten()), net.beta.copy_(w["beta"].flatten())
+    else:
+        g = torch.Generator().manual_seed(0)
+        for m in net.features:
+            if isinstance(m, nn.Conv2d):  # Kaiming-normal fan-out, as torchvision initialises VGG
+                m.weight.data = torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / (m.out_channels * 9))
+                m.bias.data.zero_()
+        if verbose:
+            print("=" * 100 + f"\nWARNING: DISTS weights unreachable ({vgg_spec if not vgg else dists_spec}).\n"
+                  f"Using the offline stand-in: VGG16 at width {STANDIN_WIDTH}, seeded random weights, uniform alpha/beta.\n"
+                  "Fine for the embedded default; for paper runs give vgg_weights= and dists_weights= (paths).\n" + "=" * 100)
+    return net.requires_grad_(False).eval()
+
+
+def gray(x):
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def as_image(m):
+    """A single-channel map -> 3 channels in [0, 1], normalised per image (never across the batch)."""
+    lo = m.amin(dim=(1, 2, 3), keepdim=True)
+    hi = m.amax(dim=(1, 2, 3), keepdim=True)
+    return ((m - lo) / (hi - lo + 1e-8)).expand(-1, 3, -1, -1)
+
+
+def fourier_pass(x, radius, high=True):
+    """|IFFT(FFT(gray(x)) * M)| with M an ideal circular mask around the centred spectrum: high-pass keeps
+    frequencies beyond radius * Nyquist, low-pass the rest (paper Sec. 3, I_freq)."""
+    g = gray(x)
+    h, w = g.shape[-2:]
+    fy = torch.fft.fftshift(torch.fft.fftfreq(h, device=x.device)).view(-1, 1) * 2  # in units of Nyquist
+    fx = torch.fft.fftshift(torch.fft.fftfreq(w, device=x.device)).view(1, -1) * 2
+    keep = ((fy ** 2 + fx ** 2).sqrt() > radius) == high
+    spectrum = torch.fft.fftshift(torch.fft.fft2(g), dim=(-2, -1)) * keep
+    return torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1))).abs()
+
+
+def sobel(x, eps=1e-6):
+    """sqrt((I*Gx)^2 + (I*Gy)^2 + eps) on the grayscale image (paper Sec. 3, I_edge)."""
+    gx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], device=x.device).view(1, 1, 3, 3)
+    g = F.pad(gray(x), (1, 1, 1, 1), mode="replicate")
+    return (F.conv2d(g, gx) ** 2 + F.conv2d(g, gx.transpose(2, 3)) ** 2 + eps).sqrt()
+
+
+def adaptation_loss(x1, xT, dists, kind):
+    """Per-term losses (dict of scalars) between student x1 and teacher xT images in [0, 1], fp32.
+    'hipa': Eq. 1-3 with DISTS; 'l2', 'l2+low', 'l2+high': the rows of Table 1 (L2 on the image, plus L2 on
+    the low- or high-pass Fourier reconstruction)."""
+    x1, xT = x1.float(), xT.float()
+    if kind == "hipa":
+        return {"spatial": w_spatial * dists(x1, xT).mean(),
+                "fft": w_fft * dists(as_image(fourier_pass(x1, hp_radius)), as_image(fourier_pass(xT, hp_radius))).mean(),
+                "sobel": w_sobel * dists(as_image(sobel(x1)), as_image(sobel(xT))).mean()}
+    terms = {"l2": F.mse_loss(x1, xT)}
+    if kind in ("l2+low", "l2+high"):
+        high = kind == "l2+high"
+        terms["fft"] = w_fft * F.mse_loss(fourier_pass(x1, hp_radius, high), fourier_pass(xT, hp_radius, high))
+    elif kind != "l2":
+        raise SystemExit(f"config error: loss must be 'hipa', 'l2', 'l2+low' or 'l2+high', not '{kind}'")
+    return terms
+
+
+# ----------------------------------------------------------------------------- teacher and student
+
+
+def example_prompts(rows, n, base_seed):
+    """Example k's prompt: one caption, picked at random once, of caption row k (mod the number of rows)."""
+    pick = torch.Generator().manual_seed(base_seed)
+    return [rows[k % len(rows)]["captions"][torch.randint(len(rows[k % len(rows)]["captions"]), (1,),
+                                                          generator=pick).item()] for k in range(n)]
+
+
+def example_noise(indices, shape, base_seed):
+    """x_T of examples `indices`: example k always gets the noise of seed base_seed + k."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(base_seed + int(k)))
+                        for k in indices])
+
+
+def one_step_student(unet, scheduler, x_T, cond, uncond, w):
+    """The adapted model's image in latent space: one guided UNet call at t = T-1 and the x0 formula."""
+    t = scheduler.config.num_train_timesteps - 1
+    out = guided_unet(unet, x_T.to(cond.dtype), t, cond, uncond, w)
+    return predict_x0_eps(out, x_T, scheduler.alphas_cumprod[t], scheduler.config.prediction_type)[0]
+
+
+def cache_key(unet, scheduler, prompts_hash, latent_shape, n):
+    """Teacher targets are valid for one model, sampler, resolution, noise seed and example list."""
+    probe = [float(p.float().sum()) for p in (unet.conv_in.weight, unet.conv_out.weight)]
+    desc = json.dumps([model, probe, dict(scheduler.config), teacher_steps, guidance, latent_shape, seed, n,
+                       prompts_hash, 1], sort_keys=True, default=str)
+    return hashlib.sha1(desc.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def teacher_latents(unet, loras, scheduler, text, prompts, indices, shape, device, dtype):
+    """The frozen model's N-step DDIM x0 latents (LoRA off) for examples `indices`."""
+    set_lora(loras, False)
+    cond = encode_prompts(text[0], text[1], [prompts[k] for k in indices]).to(dtype)
+    uncond = text[2].expand(len(indices), -1, -1).to(dtype)
+    with autocast(device):
+        x = ddim_sample(unet, scheduler, example_noise(indices, shape, seed).to(device), cond, uncond,
+                        teacher_steps, guidance)
+    set_lora(loras, True)
+    return x
+
+
+def build_teacher_cache(unet, loras, scheduler, text, prompts, shape, d, dtype, path, batch):
+    """All teacher targets, fp16 latents in a memmap (examples sharded over ranks), once per cache key."""
+    if not os.path.exists(path):
+        tmp = path + ".partial"
+        if d.master:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(prompts), *shape))
+        if d.ddp:
+            torch.distributed.barrier()
+        arr = np.load(tmp, mmap_mode="r+")
+        mine = list(range(d.rank, len(prompts), d.world_size))
+        for i in tqdm(range(0, len(mine), batch), desc="teacher targets", disable=not d.master):
+            idx = mine[i: i + batch]
+            arr[idx] = teacher_latents(unet, loras, scheduler, text, prompts, idx, shape, d.device, dtype).cpu().half().numpy()
+        arr.flush()
+        del arr
+        if d.ddp:
+            torch.distributed.barrier()
+        if d.master:
+            os.replace(tmp, path)
+        if d.ddp:
+            torch.distributed.barrier()
+    return np.load(path, mmap_mode="r")
+
+
+@torch.no_grad()
+def validation_grid(unet, loras, vae, scheduler, text, prompts, shape, device, dtype, path):
+    """Columns: teacher N-step | base model 1-step | student 1-step; fixed prompts and seeds."""
+    idx = list(range(len(prompts)))
+    x_T = example_noise(idx, shape, 10**6).to(device)  # seeds outside the training examples'
+    cond = encode_prompts(text[0], text[1], prompts).to(dtype)
+    uncond = text[2].expand(len(prompts), -1, -1).to(dtype)
+    cols = []
+    for enabled, steps in ((False, teacher_steps), (False, 1), (True, 1)):
+        set_lora(loras, enabled)
+        with autocast(device):
+            cols.append(decode(vae, ddim_sample(unet, scheduler, x_T, cond, uncond, steps, guidance)))
+    set_lora(loras, True)
+    save_grid(torch.stack(cols, 1).flatten(0, 1), path, nrow=3)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv):
+    from configurator import configure
+    config = configure(globals(), argv)
+    d = setup_ddp(device)
+    if init_from not in ("scratch", "resume"):
+        raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', not '{init_from}'")
+    if batch_size % (grad_accum * d.world_size):
+        raise SystemExit(f"config error: batch_size {batch_size} must divide by grad_accum * world size "
+                         f"({grad_accum} * {d.world_size})")
+    micro = batch_size // (grad_accum * d.world_size)
+    torch.manual_seed(seed * d.world_size + d.rank)  # per-rank seeds
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32  # the frozen UNet
+
+    # --- data: one (prompt, noise seed) pair per example, fixed across epochs so the teacher can be cached
+    _, rows = load_split(data_dir, split, need_images=False)
+    n = num_examples or len(rows)
+    prompts = example_prompts(rows, n, seed)
+    iters_per_epoch = n // batch_size
+    if iters_per_epoch == 0:
+        raise SystemExit(f"config error: {n} examples are fewer than one batch of {batch_size}")
+    max_iters = epochs * iters_per_epoch
+    val_prompts = list(dict.fromkeys(r["captions"][0] for r in rows[:1000]))[:num_val_prompts]
+
+    # --- models: frozen SD, LoRA on the UNet (LoRA off = the teacher)
+    tokenizer, text_encoder, vae, unet, scheduler = load_sd(model, d.device)
+    if dtype != torch.float32:
+        unet.to(dtype)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = resolution or unet.config.sample_size * factor
+    multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
+    if size % multiple:
+        raise SystemExit(f"config error: resolution {size} must be a multiple of {multiple} for this model "
+                         f"(VAE factor {factor} x UNet downsampling)")
+    shape = (unet.config.in_channels, size // factor, size // factor)
+    loras = add_lora(unet, lora_targets, lora_rank, lora_alpha)
+    params = lora_params(loras)
+    if d.master:
+        total = sum(p.numel() for p in unet.parameters())
+        print(f"LoRA: {len(loras)} layers, {sum(p.numel() for p in params):,} trainable parameters "
+              f"({100 * sum(p.numel() for p in params) / total:.2f}% of the UNet)")
+    if grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    text = (tokenizer, text_encoder, encode_prompts(tokenizer, text_encoder, [""]))
+    dists = load_dists(vgg_weights, dists_weights, cache_dir, verbose=d.master).to(d.device) if loss == "hipa" else None
+    adaptation_loss(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), dists, loss)  # bad `loss` fails before writing
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    ema = [p.detach().clone() for p in params] if ema_decay > 0 else None
+    it, epoch_start = 0, 0
+    if init_from == "resume":
+        ck = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        for p, v in zip(params, ck["lora"]):
+            p.data.copy_(v)
+        opt.load_state_dict(ck["opt"])
+        ema = [e.to(p.device) for e, p in zip(ck["ema"], params)] if ema is not None else None
+        it = ck["iter"]
+        set_rng_state(ck["rng"][d.rank] if len(ck["rng"]) == d.world_size else ck["rng"][0])
+        print(f"resumed from {out_dir}/ckpt.pt at iteration {it}")
+    student = unet
+    if compile:
+        c = encode_prompts(tokenizer, text_encoder, prompts[:2]).to(dtype)
+        x = example_noise([0, 1], shape, seed).to(d.device)
+        student = checked_compile(unet, lambda m: one_step_student(m, scheduler, x, c, None, 1.0).square().mean(),
+                                  backend=compile_backend)
+    if d.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        student = DDP(student)
+    if d.master:
+        os.makedirs(out_dir, exist_ok=True)
+        save_json(config, os.path.join(out_dir, "config.json"))
+
+    # --- teacher targets: once, on disk (or, with teacher_cache=False, every step)
+    cache = None
+    if teacher_cache:
+        key = cache_key(unet, scheduler, hashlib.sha1("\n".join(prompts).encode()).hexdigest(), shape, n)
+        t0 = time.time()
+        cache = build_teacher_cache(unet, loras, scheduler, text, prompts, shape, d, dtype,
+                                    os.path.join(cache_dir, f"teacher_{key}.npy"), micro * 2)
+        if d.master:
+            print(f"teacher targets: {n} examples in {cache_dir}/teacher_{key}.npy ({time.time() - t0:.1f} s)")
+
+    log_path = os.path.join(out_dir, "log.jsonl")
+
+    def save_checkpoint():
+        rngs = [rng_state()]
+        if d.ddp:
+            rngs = [None] * d.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
+        if d.master:
+            atomic_save({"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "ema": ema,
+                         "iter": it, "rng": rngs, "config": config}, os.path.join(out_dir, "ckpt.pt"))
+
+    pbar = tqdm(total=max_iters, initial=it, disable=not d.master, desc="hipa")
+    t0, seen, skipped = time.time(), 0, 0
+    while it < max_iters:
+        epoch, pos = divmod(it, iters_per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # the epoch's order
+        batch = order[pos * batch_size: (pos + 1) * batch_size]
+        for g_ in opt.param_groups:
+            g_["lr"] = lr * min(1.0, (it + 1) / max(1, warmup_iters))
+        terms_sum = {}
+        for m in range(grad_accum):
+            idx = batch[(m * d.world_size + d.rank) * micro: (m * d.world_size + d.rank + 1) * micro].tolist()
+            if cache is not None:
+                target = torch.from_numpy(np.stack([cache[k] for k in idx])).float().to(d.device)
+            else:
+                target = teacher_latents(unet, loras, scheduler, text, prompts, idx, shape, d.device, dtype)
+            with torch.no_grad():
+                teacher_images = decode(vae, target)
+            cond = encode_prompts(tokenizer, text_encoder, [prompts[k] for k in idx]).to(dtype)
+            uncond = text[2].expand(len(idx), -1, -1).to(dtype)
+            if d.ddp:
+                student.require_backward_grad_sync = m == grad_accum - 1
+            with autocast(d.device):
+                x0 = one_step_student(student, scheduler, example_noise(idx, shape, seed).to(d.device), cond, uncond,
+                                      guidance)
+            student_images = decode(vae, x0.float())  # VAE and losses in fp32
+            terms = adaptation_loss(student_images, teacher_images, dists, loss)
+            total_loss = sum(terms.values()) / grad_accum
+            total_loss.backward()
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v.item() / grad_accum
+        # NaN guard: a non-finite loss or gradient on any rank skips the step everywhere
+        finite = torch.tensor([float(all(math.isfinite(v) for v in terms_sum.values()) and
+                                     all(torch.isfinite(p.grad).all() for p in params if p.grad is not None))])
+        if d.ddp:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() == 1:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(ema, params):
+                        e.lerp_(p.detach(), 1 - ema_decay)
+        else:
+            skipped += 1
+            tqdm.write(f"iter {it}: non-finite loss or gradient, step skipped ({skipped} so far)")
+        opt.zero_grad(set_to_none=True)
+        it += 1
+        seen += batch_size
+        pbar.update(1)
+        if it % log_interval == 0 or it == max_iters:
+            names = sorted(terms_sum)
+            vals = all_reduce_mean([terms_sum[k] for k in names], d)
+            stats = {"iter": it, "epoch": epoch, "loss": sum(vals), **dict(zip(names, vals)),
+                     "img_per_s": seen / (time.time() - t0), "peak_mem_gb": peak_memory_gb(d.device), "skipped": skipped}
+            pbar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in stats.items() if k not in ("iter", "epoch")))
+            if d.master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(stats) + "\n")
+            t0, seen = time.time(), 0
+        if d.master and (it % eval_interval == 0 or it == max_iters):
+            validation_grid(unet, loras, vae, scheduler, text, val_prompts, shape, d.device, dtype,
+                            os.path.join(out_dir, f"val_{it:06d}.png"))
+        if it % ckpt_interval == 0 or it == max_iters:
+            save_checkpoint()
+    pbar.close()
+    if d.master:
+        from safetensors.torch import save_file
+        path = os.path.join(out_dir, "pytorch_lora_weights.safetensors")
+        save_file(lora_state(loras, ema), path + ".tmp")
+        os.replace(path + ".tmp", path)
+        print(f"saved {path} (StableDiffusionPipeline.load_lora_weights loads it; sample.py --lora={path})")
+    if d.ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

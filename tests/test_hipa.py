@@ -1,0 +1,276 @@
+"""hipa.py: the LoRA, the losses and the loop do what the paper and a user rely on."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import hipa
+from common import decode, encode_prompts, load_sd, write_split
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def test_lora_on_sd21_unet_has_the_papers_3_3M_parameters():
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):  # SD 2.1's UNet config, no memory
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
+            attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        loras = hipa.add_lora(unet, TARGETS, 16, 16.0)
+    assert sum(p.numel() for p in hipa.lora_params(loras)) == 3_319_808
+
+
+@pytest.fixture
+def sd(tiny_sd):
+    return load_sd(tiny_sd)
+
+
+def student_latents(sd, loras=None, guidance=2.0):
+    tokenizer, text_encoder, vae, unet, scheduler = sd
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = encode_prompts(tokenizer, text_encoder, ["a bag", "a sneaker"])
+    uncond = encode_prompts(tokenizer, text_encoder, ["", ""])
+    with torch.no_grad():
+        return hipa.one_step_student(unet, scheduler, x_T, cond, uncond, guidance)
+
+
+def randomise(loras, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in loras.values():
+        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.1
+
+
+def test_lora_starts_at_the_frozen_model_and_off_is_the_teacher(sd):
+    before = student_latents(sd)
+    loras = hipa.add_lora(sd[3], TARGETS, 4, 8.0)
+    assert torch.equal(student_latents(sd), before)  # B = 0: training starts at the frozen model
+    randomise(loras)
+    assert not torch.allclose(student_latents(sd), before)
+    hipa.set_lora(loras, False)
+    assert torch.equal(student_latents(sd), before)  # LoRA off is exactly the frozen UNet
+    assert all(not p.requires_grad for n, p in sd[3].named_parameters() if "lora_" not in n)
+
+
+def test_exported_lora_reloads_in_diffusers_and_merges_in_sample(tiny_sd, sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    import sample
+    loras = hipa.add_lora(sd[3], TARGETS, 4, 8.0)
+    randomise(loras)
+    ours = student_latents(sd)
+    path = str(tmp_path / "pytorch_lora_weights.safetensors")
+    save_file(hipa.lora_state(loras), path)
+    assert all(k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in
+               json.loads(open(path, "rb").read()[8:8 + int.from_bytes(open(path, "rb").read(8), "little")]) if k != "__metadata__")
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = sd[4]
+    pipe.load_lora_weights(path)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    theirs = pipe(["a bag", "a sneaker"], latents=x_T, num_inference_steps=1, guidance_scale=2.0,
+                  height=16, width=16, output_type="latent").images
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+    fresh = load_sd(tiny_sd)
+    sample.merge_lora(fresh[3], path)  # merged into the weights: the same images at no inference cost
+    torch.testing.assert_close(student_latents(fresh), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_on_convolutions_merges_too(tiny_sd, sd, tmp_path):
+    from safetensors.torch import save_file
+
+    import sample
+    loras = hipa.add_lora(sd[3], ("conv1", "conv2"), 2, 2.0)
+    assert all(isinstance(m.base, torch.nn.Conv2d) for m in loras.values())
+    randomise(loras)
+    save_file(hipa.lora_state(loras), str(tmp_path / "l.safetensors"))
+    fresh = load_sd(tiny_sd)
+    sample.merge_lora(fresh[3], str(tmp_path / "l.safetensors"))
+    torch.testing.assert_close(student_latents(fresh), student_latents(sd), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_lora_config_is_one_clear_error(sd):
+    with pytest.raises(SystemExit, match="lora_rank must be >= 1"):
+        hipa.add_lora(sd[3], TARGETS, 0, 1.0)
+    with pytest.raises(SystemExit, match=r"\['to_qq'\] match no layer.*candidates: .*'to_q'"):
+        hipa.add_lora(sd[3], ("to_qq",), 4, 4.0)
+    from diffusers import UNet2DConditionModel
+    plain = UNet2DConditionModel(block_out_channels=(32, 32), down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, mid_block_type=None, cross_attention_dim=32,
+                                 layers_per_block=1, sample_size=8)
+    with pytest.raises(SystemExit, match="no attention layers"):
+        hipa.add_lora(plain, TARGETS, 4, 4.0)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def test_dists_is_a_distance_with_zero_at_identity():
+    dists = hipa.load_dists("absent", "absent", "/nonexistent", verbose=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g)
+    assert dists(x, x).abs().max() < 1e-5
+    torch.testing.assert_close(dists(x, x.flip(0)), dists(x.flip(0), x))
+    noisy = [dists(x, (x + s * torch.randn(x.shape, generator=g)).clamp(0, 1)).mean() for s in (0.05, 0.2, 0.5)]
+    assert 0 < noisy[0] < noisy[1] < noisy[2]
+
+
+def test_dists_loads_the_standard_weight_files(tmp_path, capsys):
+    vgg = {f"features.{i}.{k}": torch.randn(v, *(s if k == "weight" else ()))
+           for i, v, s in [(0, 64, (3, 3, 3)), (2, 64, (64, 3, 3))] for k in ("weight", "bias")}
+    vgg["classifier.0.weight"] = torch.randn(4, 4)  # torchvision's file has the classifier too: ignored
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    ab = {"alpha": torch.rand(1, 1475, 1, 1), "beta": torch.rand(1, 1475, 1, 1)}
+    torch.save(ab, tmp_path / "weights.pt")
+    net = hipa.load_dists(str(tmp_path / "vgg16.pth"), str(tmp_path / "weights.pt"), str(tmp_path))
+    assert "WARNING" not in capsys.readouterr().out
+    assert net.channels == [3, 64, 128, 256, 512, 512]
+    assert torch.equal(net.features[2].weight, vgg["features.2.weight"]) and torch.equal(net.alpha, ab["alpha"].flatten())
+    hipa.load_dists(str(tmp_path / "absent.pth"), str(tmp_path / "weights.pt"), str(tmp_path))
+    assert "WARNING: DISTS weights unreachable" in capsys.readouterr().out  # offline: loud, never silent
+
+
+def test_high_pass_keeps_fine_detail_and_drops_coarse_layout():
+    i = torch.arange(32.0)
+    coarse = (0.5 + 0.5 * torch.sin(2 * np.pi * i / 32)).expand(32, 32)  # 1 cycle per image
+    fine = (0.5 + 0.5 * torch.sin(2 * np.pi * 12 * i / 32)).expand(32, 32)  # 12 cycles: 0.75 Nyquist
+    as_rgb = lambda m: m.expand(1, 3, 32, 32)
+    assert hipa.fourier_pass(as_rgb(coarse), 0.25).max() < 1e-4
+    torch.testing.assert_close(hipa.fourier_pass(as_rgb(fine), 0.25)[0, 0], (fine - 0.5).abs().expand(32, 32),
+                               atol=1e-4, rtol=0)
+    assert hipa.fourier_pass(as_rgb(fine), 0.25, high=False).std() < 1e-4  # low-pass: only the mean is left
+
+
+def test_sobel_finds_edges_and_maps_are_normalised_per_image():
+    x = torch.zeros(2, 3, 8, 8)
+    x[0, :, :, 4:] = 1  # a vertical edge between columns 3 and 4
+    edges = hipa.sobel(x)
+    assert edges[0, 0, :, 3:5].min() > 3 and edges[0, 0, :, :2].max() < 0.01 and edges[1].max() < 0.01
+    maps = hipa.as_image(edges)
+    assert maps.shape == (2, 3, 8, 8) and maps[0].max() == 1 and maps[0].min() == 0
+    alone = hipa.as_image(edges[:1])
+    assert torch.equal(maps[:1], alone)  # not coupled through the batch
+
+
+def test_table1_ablation_losses():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+    assert set(hipa.adaptation_loss(x, y, None, "l2")) == {"l2"}
+    high, low = hipa.adaptation_loss(x, y, None, "l2+high"), hipa.adaptation_loss(x, y, None, "l2+low")
+    assert set(high) == set(low) == {"l2", "fft"} and high["fft"] != low["fft"]
+    with pytest.raises(SystemExit, match="loss must be"):
+        hipa.adaptation_loss(x, y, None, "l1")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captions")
+    words = ["a photo of a sneaker", "a bag", "an ankle boot", "a photo of a bag"]
+    rows = [{"id": i, "captions": [words[i % 4], words[(i + 1) % 4]]} for i in range(16)]
+    write_split(str(root), "train", np.zeros((16, 16, 16, 3), np.uint8), rows, source="test")
+    return str(root)
+
+
+def run_args(model, data, out, *extra):
+    return [f"--model={model}", f"--data_dir={data}", f"--out_dir={out}", f"--cache_dir={out}_cache",
+            "--num_examples=8", "--batch_size=4", "--epochs=2", "--lora_rank=4", "--teacher_steps=3",
+            "--eval_interval=100", "--ckpt_interval=1", "--log_interval=1", "--warmup_iters=1",
+            "--vgg_weights=absent", "--dists_weights=absent", "--init_from=scratch", *extra]
+
+
+def test_training_moves_the_one_step_student_towards_the_teacher(tiny_sd, captions, tmp_path):
+    out = tmp_path / "run"  # one batch of 4 examples per epoch: every logged loss is on the same examples
+    hipa.main(run_args(tiny_sd, captions, out, "--lr=3e-3", "--epochs=8", "--num_examples=4", "--eval_interval=8"))
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(log) == 8 and all(r["skipped"] == 0 for r in log)
+    first, last = log[0]["loss"], log[-1]["loss"]
+    assert last < 0.7 * first, (first, last)  # the one-step student gets closer to the 3-step teacher
+    assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "val_000008.png").exists()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tiny_sd, captions, tmp_path, monkeypatch):
+    hipa.main(run_args(tiny_sd, captions, tmp_path / "a", "--lr=1e-2"))
+    straight = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    real_save, saves = hipa.atomic_save, []
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        saves.append(1)
+        if len(saves) == 3:  # mid epoch 2 of 2 (2 iterations per epoch)
+            raise Killed
+    monkeypatch.setattr(hipa, "atomic_save", save_then_die)
+    with pytest.raises(Killed):
+        hipa.main(run_args(tiny_sd, captions, tmp_path / "b", "--lr=1e-2"))
+    monkeypatch.setattr(hipa, "atomic_save", real_save)
+    hipa.main(run_args(tiny_sd, captions, tmp_path / "b", "--lr=1e-2", "--init_from=resume"))
+    resumed = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert resumed["iter"] == straight["iter"] == 4
+    for a, b in zip(straight["lora"], resumed["lora"]):
+        assert torch.equal(a, b)
+    assert torch.equal(straight["opt"]["state"][0]["exp_avg"], resumed["opt"]["state"][0]["exp_avg"])
+
+
+def test_teacher_targets_are_computed_once_and_reused(tiny_sd, captions, tmp_path, monkeypatch):
+    calls = []
+    real = hipa.teacher_latents
+    monkeypatch.setattr(hipa, "teacher_latents", lambda *a, **k: calls.append(len(a[5])) or real(*a, **k))
+    cache = f"--cache_dir={tmp_path / 'cache'}"
+    hipa.main(run_args(tiny_sd, captions, tmp_path / "c", cache))
+    assert sum(calls) == 8  # 8 examples x 2 epochs, each teacher target made once
+    cached = np.load(next((tmp_path / "cache").glob("teacher_*.npy")))
+    sd = load_sd(tiny_sd)
+    loras = hipa.add_lora(sd[3], TARGETS, 4, 4.0)
+    prompts = hipa.example_prompts(hipa.load_split(captions, "train", need_images=False)[1], 8, 0)
+    direct = real(sd[3], loras, sd[4], (sd[0], sd[1], encode_prompts(sd[0], sd[1], [""])), prompts, [0, 5],
+                  (4, 8, 8), torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(torch.from_numpy(cached[[0, 5]]).float(), direct, atol=2e-3, rtol=2e-3)  # fp16 on disk
+    calls.clear()
+    hipa.main(run_args(tiny_sd, captions, tmp_path / "d", cache))  # same model and settings: the cache is reused
+    assert calls == []
+    hipa.main(run_args(tiny_sd, captions, tmp_path / "e", cache, "--teacher_steps=2"))  # other settings: new targets
+    assert sum(calls) == 8
+    calls.clear()
+    hipa.main(run_args(tiny_sd, captions, tmp_path / "f", cache, "--teacher_cache=False"))
+    assert sum(calls) == 16  # without the cache: every example, every epoch
+
+
+def test_non_finite_loss_skips_the_step(tiny_sd, captions, tmp_path, monkeypatch):
+    real = hipa.adaptation_loss
+    n = []
+
+    def nan_once(x1, xT, dists, kind):
+        terms = real(x1, xT, dists, kind)
+        n.append(1)
+        if len(n) == 2:  # the first training step (call 1 is the start-up check of `loss`)
+            terms["spatial"] = terms["spatial"] * float("nan")
+        return terms
+    monkeypatch.setattr(hipa, "adaptation_loss", nan_once)
+    hipa.main(run_args(tiny_sd, captions, tmp_path / "n", "--epochs=1"))
+    log = [json.loads(line) for line in open(tmp_path / "n" / "log.jsonl")]
+    assert log[0]["skipped"] == 1 and log[1]["skipped"] == 1 and np.isfinite(log[1]["loss"])
+    ck = torch.load(tmp_path / "n" / "ckpt.pt", weights_only=True)
+    assert all(torch.isfinite(p).all() for p in ck["lora"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model=/nonexistent/model"], "not an SD-format folder"),
+    (["--data_dir=/nonexistent"], "meta.json not found"),
+    (["--resolution=18"], "resolution 18 must be a multiple of 4"),
+    (["--lora_rank=0"], "lora_rank must be >= 1"),
+    (["--lora_targets=('attn_q',)"], "match no layer"),
+    (["--loss=l1"], "loss must be"),
+    (["--batch_size=16"], "8 examples are fewer than one batch of 16"),
+])
+def test_bad_input_fails_before_writing_anything(tiny_sd, captions, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        hipa.main(run_args(tiny_sd, captions, tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
