@@ -159,6 +159,18 @@ def ddim_sample(unet, scheduler, x_T, cond, uncond, steps, guidance):
     return x
 
 
+def latent_shape(vae, unet, height=0, width=0):
+    """(C, h, w) of the UNet's latents for images of height x width (0: the model's native size), or
+    SystemExit if the size does not survive the VAE's and the UNet's downsampling."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
+    height, width = height or unet.config.sample_size * factor, width or unet.config.sample_size * factor
+    if height % multiple or width % multiple:
+        raise SystemExit(f"config error: image size {height}x{width} must be a multiple of {multiple} for this model "
+                         f"(VAE factor {factor} x UNet downsampling)")
+    return unet.config.in_channels, height // factor, width // factor
+
+
 def decode(vae, latents):
     """Latents (scaled as the UNet sees them) -> images in [0, 1], decoded in the VAE's dtype, returned fp32."""
     z = latents / vae.config.scaling_factor

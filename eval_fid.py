@@ -95,7 +95,7 @@ def read_image(path):
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))  # convert decodes the whole file: a truncated one fails here
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
-        raise SystemExit(f"eval error: cannot read image {path} ({type(e).__name__}: {e})")
+        raise SystemExit(" ".join(f"eval error: cannot read image {path} ({type(e).__name__}: {e})".split()))
 
 
 def resize(batch, side):
@@ -415,11 +415,10 @@ def evaluate(gen_dirs, ref, d=None, **options):
     what, kind = reference_kind(ref, o.ref_split, o.features)
     sets = [folder_source(g, "caption accuracy" if kind == "fmnist" else "CLIP score" if o.clip_model else None)
             for g in gen_dirs]
-    classes = []  # per set, the class each prompt names
-    for s in sets if kind == "fmnist" else []:
-        classes.append(np.array([prompt_class(p) for p in s.prompts]))
-        for path, p, c in zip(s.paths, s.prompts, classes[-1]):
-            if c is None:
+    classes = [np.array([prompt_class(p) for p in s.prompts]) for s in sets] if kind == "fmnist" else []
+    for s, c in zip(sets, classes):  # the class each prompt names, for caption accuracy
+        for path, p, k in zip(s.paths, s.prompts, c):
+            if k is None:
                 raise SystemExit(f"eval error: the prompt of {path} ('{p}') names no Fashion-MNIST class")
 
     if kind == "fmnist":
@@ -428,9 +427,10 @@ def evaluate(gen_dirs, ref, d=None, **options):
         if d.ddp:
             dist.barrier()
         net, acc = fmnist_classifier(ref, o.cache_dir)
-        net, net_id = net.to(d.device), f"FmnistNet {CLF}, test accuracy {acc:.4f}"
+        net, net_id = net.to(d.device), {"classifier": CLF, "test_accuracy": acc}
     else:
-        net, net_id = load_inception(o.inception, o.cache_dir, d), os.path.basename(o.inception)
+        net = load_inception(o.inception, o.cache_dir, d)
+        net_id = o.inception if "://" in o.inception else os.path.abspath(o.inception)
     clip = load_clip(o.clip_model, d.device) if o.clip_model else None
     with ThreadPoolExecutor(o.workers) as pool:
         scans = [scan(s, make_extractor(kind, net, d.device, probs=True), clip, o, d, pool) for s in sets]
@@ -464,7 +464,7 @@ def evaluate(gen_dirs, ref, d=None, **options):
     feature_label = "inception" if kind == "inception" else "fmnist-classifier (NOT Inception FID)"
     ref_n = int(r["n"]) if "n" in r else None  # EDM's and clean-fid's .npz don't say
     save_json({"ref": ref, "ref_split": o.ref_split if what == "data" else None, "ref_n": ref_n,
-               "features": feature_label, "feature_network": o.inception if kind == "inception" else net_id,
+               "features": feature_label, "feature_network": net_id,
                "resolution_eval": o.resolution_eval, "clip_model": o.clip_model,
                "ref_hf_share": float(r["hf_share"]) if "hf_share" in r else None, "spectrum": plot,
                "results": rows}, out_path)
@@ -475,11 +475,11 @@ def evaluate(gen_dirs, ref, d=None, **options):
 
 def print_table(rows, kind, net_id, ref):
     if kind == "fmnist":
-        print(f"FID on the features of {net_id}: comparable only with other fmnist-classifier FIDs, never with "
-              f"Inception FID. Reference: {ref}")
+        print(f"FID on the features of a small classifier trained here (test accuracy {net_id['test_accuracy']:.2%}): "
+              f"comparable only with other fmnist-classifier FIDs, never with Inception FID. Reference: {ref}")
         cols = [("FID(fmnist-clf)", "fid_fmnist_classifier", "{:.3f}"), ("caption acc", "caption_accuracy", "{:.1%}")]
     else:
-        print(f"FID on Inception-v3 features ({net_id}). Reference: {ref}")
+        print(f"FID on Inception-v3 features ({os.path.basename(net_id)}). Reference: {ref}")
         cols = [("FID(Inception)", "fid", "{:.2f}"), ("IS", "inception_score", "{:.2f}")]
     cols += [("CLIP score", "clip_score", "{:.4f}")] if "clip_score" in rows[0] else []
     cols += [("hf_ratio", "hf_ratio", "{:.3f}")]
@@ -508,8 +508,7 @@ def plot_spectra(curves, path):
 
 def main(argv):
     from configurator import configure
-    # on a copy of the globals: main() may run many times in one process (tests, the demo), each from the defaults
-    cfg = configure(dict(globals()), argv, print_config=int(os.environ.get("RANK", 0)) == 0)
+    cfg = configure(globals(), argv, print_config=int(os.environ.get("RANK", 0)) == 0)
     d = setup_ddp(cfg["device"])
     try:
         evaluate(cfg.pop("gen"), cfg.pop("ref"), d=d, **cfg)

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
-                    guided_unet, load_checkpoint, load_sd, load_split, peak_memory_gb, predict_x0_eps, rng_state,
-                    save_grid, save_json, set_rng_state, setup_ddp)
+                    guided_unet, latent_shape, load_checkpoint, load_sd, load_split, peak_memory_gb, predict_x0_eps,
+                    rng_state, save_grid, save_json, set_rng_state, setup_ddp)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
@@ -427,13 +427,7 @@ def main(argv):
     tokenizer, text_encoder, vae, unet, scheduler = load_sd(model, d.device)
     if dtype != torch.float32:
         unet.to(dtype)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    size = resolution or unet.config.sample_size * factor
-    multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
-    if size % multiple:
-        raise SystemExit(f"config error: resolution {size} must be a multiple of {multiple} for this model "
-                         f"(VAE factor {factor} x UNet downsampling)")
-    shape = (unet.config.in_channels, size // factor, size // factor)
+    shape = latent_shape(vae, unet, resolution, resolution)
     loras = add_lora(unet, lora_targets, lora_rank, lora_alpha)
     params = lora_params(loras)
     if d.master:
@@ -449,7 +443,7 @@ def main(argv):
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     ema = [p.detach().clone() for p in params] if ema_decay > 0 else None
-    it, epoch_start = 0, 0
+    it = 0
     if init_from == "resume":
         ck = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
         for p, v in zip(params, ck["lora"]):

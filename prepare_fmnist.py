@@ -13,7 +13,6 @@ or of `src=`; downloads the official files only when neither has them.
     python prepare_fmnist.py --out=data/fm --src=/path/to/gz/files
 """
 import gzip
-import json
 import os
 import sys
 import urllib.request

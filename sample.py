@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import (autocast, ddim_sample, decode, encode_prompts, images_to_tensor, load_sd, save_grid, setup_ddp,
-                    write_jsonl)
+from common import (autocast, ddim_sample, decode, encode_prompts, images_to_tensor, latent_shape, load_sd,
+                    save_grid, setup_ddp, write_jsonl)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model: hub id or folder
@@ -105,7 +105,8 @@ def main(argv):
           "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     all_prompts = read_prompts(prompts)
     tokenizer, text_encoder, vae, base_unet, scheduler = load_sd(model, d.device, dt)
-    vae.to(torch.float32)  # decode in fp32: fp16 SD VAEs overflow
+    if dt != torch.float32:
+        vae.to(torch.float32)  # decode in fp32: fp16 SD VAEs overflow
     adapted = base_unet
     if unet is not None:
         from diffusers import UNet2DConditionModel
@@ -119,12 +120,7 @@ def main(argv):
         n = merge_lora(adapted, lora)
         if d.master:
             print(f"merged LoRA of {n} layers from {lora}")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    h = height or base_unet.config.sample_size * factor
-    w_ = width or base_unet.config.sample_size * factor
-    if h % factor or w_ % factor:
-        raise SystemExit(f"sample error: height and width must be multiples of {factor}, got {h}x{w_}")
-    shape = (base_unet.config.in_channels, h // factor, w_ // factor)
+    shape = latent_shape(vae, base_unet, height, width)
     text = (tokenizer, text_encoder, encode_prompts(tokenizer, text_encoder, [""]))
     os.makedirs(out_dir, exist_ok=True)
 

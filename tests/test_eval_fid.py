@@ -134,6 +134,10 @@ def test_inception_path_uses_the_torchscript_file_it_is_given(tmp_path, tiny_inc
     assert (tmp_path / "gen" / "metrics_spectrum.png").exists()
     assert len(list((tmp_path / "cache").glob("ref_inception_*.npz"))) == 1
     assert eval_fid.evaluate(gen, ref, **opts)[0]["fid"] == pytest.approx(rows[0]["fid"], rel=1e-9)  # from the cache
+    mu, sigma = feats["ref"].mean(0), np.cov(feats["ref"], rowvar=False)
+    np.savez(tmp_path / "edm_style.npz", mu=mu, sigma=sigma)  # what EDM's and clean-fid's reference files hold
+    [row] = eval_fid.evaluate(gen, str(tmp_path / "edm_style.npz"), **opts)
+    assert row["fid"] == pytest.approx(rows[0]["fid"], rel=1e-6) and row["hf_ratio"] is None
 
 
 def test_prompt_names_the_longest_class_in_it():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hipa
-from common import decode, encode_prompts, load_sd, write_split
+from common import encode_prompts, load_sd, write_split
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -264,7 +264,7 @@ def test_non_finite_loss_skips_the_step(tiny_sd, captions, tmp_path, monkeypatch
 @pytest.mark.parametrize("extra, message", [
     (["--model=/nonexistent/model"], "not an SD-format folder"),
     (["--data_dir=/nonexistent"], "meta.json not found"),
-    (["--resolution=18"], "resolution 18 must be a multiple of 4"),
+    (["--resolution=18"], "image size 18x18 must be a multiple of 4"),
     (["--lora_rank=0"], "lora_rank must be >= 1"),
     (["--lora_targets=('attn_q',)"], "match no layer"),
     (["--loss=l1"], "loss must be"),
