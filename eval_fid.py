@@ -50,6 +50,7 @@ is_splits = 10  # Inception Score: mean and std over this many splits
 workers = 4  # threads decoding image files
 cache_dir = "out/eval_cache"  # reference statistics, the Fashion-MNIST classifier, the downloaded Inception
 out = None  # metrics.json path; None = <first gen folder>/metrics.json
+paired = None  # a folder with the same file names (e.g. the teacher's images from the same noise and prompts): adds each set's mean per-image RMSE to it
 spectrum = True  # also plot the radial power spectra of every set and the reference: <out>_spectrum.png
 device = "auto"
 # -----------------------------------------------------------------------------
@@ -296,7 +297,7 @@ def inception_score(probs, splits):
 # ----------------------------------------------------------------------------- one set through the networks
 
 
-def scan(src, extract, clip, o, d, pool):
+def scan(src, extract, clip, o, d, pool, paired=None):
     """Rank r takes images r::world of a set; returns, on every rank, all ranks' per-image outputs in the set's
     order, the summed power spectrum and the image size. An error on any rank is raised on all, after the
     gather, so that no rank waits forever."""
@@ -318,6 +319,11 @@ def scan(src, extract, clip, o, d, pool):
             res = extract(x)
             if clip is not None:  # on the images as generated: CLIP's processor resizes them itself
                 res["clip"] = clip_cosines(clip, raw, [src.prompts[i] for i in idx], d.device)
+            if paired:  # the same images made another way, e.g. by the teacher: how far is each from its twin
+                twins = np.stack(list(pool.map(read_image, [os.path.join(paired, os.path.basename(n)) for n in names])))
+                if twins.shape != raw.shape:
+                    raise SystemExit(f"eval error: {paired} has images of another size than {src.name}")
+                res["paired_rmse"] = np.sqrt(((raw / 255.0 - twins / 255.0) ** 2).mean(axis=(1, 2, 3)))
             for k, v in res.items():
                 local["out"].setdefault(k, []).append(v)
             local["power"] = local["power"] + power_spectrum(x)
@@ -433,7 +439,7 @@ def evaluate(gen_dirs, ref, d=None, **options):
         net_id = o.inception if "://" in o.inception else os.path.abspath(o.inception)
     clip = load_clip(o.clip_model, d.device) if o.clip_model else None
     with ThreadPoolExecutor(o.workers) as pool:
-        scans = [scan(s, make_extractor(kind, net, d.device, probs=True), clip, o, d, pool) for s in sets]
+        scans = [scan(s, make_extractor(kind, net, d.device, probs=True), clip, o, d, pool, o.paired) for s in sets]
         r = reference_stats(o, what, kind, net_id, make_extractor(kind, net, d.device, probs=False), d, pool)
     if not d.master:
         return []
@@ -451,6 +457,12 @@ def evaluate(gen_dirs, ref, d=None, **options):
             row["caption_accuracy"] = float((res["pred"] == classes[i]).mean())
         if clip is not None:
             row["clip_score"] = float(res["clip"].mean())
+        if o.paired:
+            row["rmse_to_paired"] = float(res["paired_rmse"].mean())
+        timing = os.path.join(s.name, "timing.json")  # written by sample.py
+        if os.path.exists(timing):
+            with open(timing) as f:
+                row["seconds_per_image"] = json.load(f)["seconds_per_image"]
         row["hf_share"] = hf_share(res["power"])
         row["hf_ratio"] = row["hf_share"] / float(r["hf_share"]) if "hf_share" in r else None
         rows.append(row)
@@ -465,7 +477,7 @@ def evaluate(gen_dirs, ref, d=None, **options):
     ref_n = int(r["n"]) if "n" in r else None  # EDM's and clean-fid's .npz don't say
     save_json({"ref": ref, "ref_split": o.ref_split if what == "data" else None, "ref_n": ref_n,
                "features": feature_label, "feature_network": net_id,
-               "resolution_eval": o.resolution_eval, "clip_model": o.clip_model,
+               "resolution_eval": o.resolution_eval, "clip_model": o.clip_model, "paired": o.paired,
                "ref_hf_share": float(r["hf_share"]) if "hf_share" in r else None, "spectrum": plot,
                "results": rows}, out_path)
     print_table(rows, kind, net_id, f"{ref} ({ref_n or '?'} images)")
@@ -483,6 +495,8 @@ def print_table(rows, kind, net_id, ref):
         cols = [("FID(Inception)", "fid", "{:.2f}"), ("IS", "inception_score", "{:.2f}")]
     cols += [("CLIP score", "clip_score", "{:.4f}")] if "clip_score" in rows[0] else []
     cols += [("hf_ratio", "hf_ratio", "{:.3f}")]
+    cols += [("RMSE to paired", "rmse_to_paired", "{:.4f}")] if "rmse_to_paired" in rows[0] else []
+    cols += [("s / image", "seconds_per_image", "{:.2e}")] if any("seconds_per_image" in r for r in rows) else []
     width = max(3, *(len(r["gen"]) for r in rows))
     print(f"{'set':<{width}} {'n':>7}" + "".join(f" {h:>15}" for h, _, _ in cols))
     for r in rows:

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import (autocast, ddim_sample, decode, encode_prompts, images_to_tensor, latent_shape, load_sd,
-                    save_grid, setup_ddp, write_jsonl)
+                    save_grid, save_json, setup_ddp, write_jsonl)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model: hub id or folder
@@ -153,8 +153,11 @@ def main(argv):
             os.replace(path + ".tmp.png", path)
         made += len(idx)
     if made and d.master:
-        print(f"{made * d.world_size / (time.time() - t0):.1f} images/s ({steps} step{'s' * (steps > 1)}, "
-              f"guidance {guidance}, {d.world_size} rank{'s' * (d.world_size > 1)})")
+        rate = made * d.world_size / (time.time() - t0)
+        print(f"{rate:.1f} images/s ({steps} step{'s' * (steps > 1)}, guidance {guidance}, "
+              f"{d.world_size} rank{'s' * (d.world_size > 1)})")
+        save_json({"images_per_s": rate, "seconds_per_image": 1 / rate, "steps": steps, "batch_size": batch_size,
+                   "device": str(d.device), "world_size": d.world_size}, os.path.join(out_dir, "timing.json"))
     if d.ddp:
         torch.distributed.barrier()
     if d.master:

@@ -177,6 +177,21 @@ def test_hf_ratio_is_one_for_the_reference_and_below_one_when_blurred(tmp_path, 
     assert (tmp_path / "report" / "m_spectrum.png").exists() and not (tmp_path / "same" / "metrics.json").exists()
 
 
+def test_paired_rmse_and_timing_columns(tmp_path, data, stub):
+    images, rows = load_split(data, "test")
+    prompts = [captions_for(r["label"])[0] for r in rows]
+    teacher = write_gen(tmp_path / "teacher", images, prompts)
+    close = write_gen(tmp_path / "close", np.clip(images.astype(int) + 2, 0, 255).astype(np.uint8), prompts)
+    far = write_gen(tmp_path / "far", images[::-1], prompts)
+    (tmp_path / "close" / "timing.json").write_text(json.dumps({"seconds_per_image": 0.25}))
+    same_row, close_row, far_row = eval_fid.evaluate([teacher, close, far], data, paired=teacher,
+                                                     cache_dir=str(tmp_path / "cache"))
+    assert same_row["rmse_to_paired"] == 0
+    assert close_row["rmse_to_paired"] == pytest.approx(2 / 255, rel=0.05)
+    assert far_row["rmse_to_paired"] > 5 * close_row["rmse_to_paired"]
+    assert close_row["seconds_per_image"] == 0.25 and "seconds_per_image" not in far_row
+
+
 def test_classifier_trains_once_deterministically_then_loads_from_the_cache(tmp_path, data, monkeypatch):
     net, acc = eval_fid.fmnist_classifier(data, str(tmp_path / "a"))
     again, _ = eval_fid.fmnist_classifier(data, str(tmp_path / "b"))  # trained again, elsewhere: same weights
