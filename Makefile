@@ -40,8 +40,24 @@ data: data/fmnist/meta.json
 teacher: data
 	$(PY) pretrain.py config/fmnist_pretrain.py
 
+# The embedded default end to end: HiPA on the tiny teacher, then 500 images each from the teacher (15 steps),
+# the base model (1 step) and HiPA (1 step) from the same noise, evaluated against the Fashion-MNIST test set
+# and against the teacher's own images.
+DEMO := out/demo
+LORA := out/hipa-fmnist/pytorch_lora_weights.safetensors
+SAMPLE := $(PY) sample.py config/fmnist_sample.py --skip_existing=False --grid=False
 demo: data
-	$(PY) demo.py
+	$(PY) hipa.py config/fmnist_hipa.py
+	$(SAMPLE) --steps=15 --out_dir=$(DEMO)/teacher-15step
+	$(SAMPLE) --steps=1 --out_dir=$(DEMO)/base-1step
+	$(SAMPLE) --steps=1 --lora=$(LORA) --out_dir=$(DEMO)/hipa-1step
+	$(SAMPLE) --lora=$(LORA) --compare=True --out_dir=$(DEMO)
+	$(PY) eval_fid.py --gen=$(DEMO)/teacher-15step,$(DEMO)/base-1step,$(DEMO)/hipa-1step \
+		--paired=$(DEMO)/teacher-15step --out=$(DEMO)/metrics.json
+	@echo "D2O: not yet (d2o.py is being written)"
+	@echo "pictures: $(DEMO)/compare.png (rows: teacher 15-step | base 1-step | HiPA 1-step),"
+	@echo "          $(DEMO)/metrics_spectrum.png, out/hipa-fmnist/val_*.png"
+	@echo "numbers:  $(DEMO)/metrics.json (table above), out/hipa-fmnist/log.jsonl"
 
 clean:
 	rm -rf out

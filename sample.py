@@ -37,7 +37,7 @@ height = 0  # 0: the model's native size
 width = 0
 out_dir = "out/samples"
 grid = True  # also write grid.png (the first 64 images)
-compare = False  # instead: compare.png, rows of teacher (teacher_steps) | base 1-step | adapted 1-step, same noise
+compare = False  # instead: compare.png, rows teacher (teacher_steps) | base 1-step | adapted 1-step, same noise
 teacher_steps = 25
 skip_existing = True  # resume a big job: images already on disk are not made again
 device = "auto"
@@ -124,16 +124,16 @@ def main(argv):
     text = (tokenizer, text_encoder, encode_prompts(tokenizer, text_encoder, [""]))
     os.makedirs(out_dir, exist_ok=True)
 
-    if compare:  # one picture: what the adaptation changed, for the first few prompts
-        idx = [p * num_per_prompt + j for p in range(min(len(all_prompts), 8)) for j in range(min(num_per_prompt, 4))]
+    if compare:  # one picture of what the adaptation changed: rows teacher | base 1-step | adapted 1-step
+        idx = [p * num_per_prompt + j for p in range(min(len(all_prompts), 10)) for j in range(min(num_per_prompt, 3))]
         ps = [all_prompts[i // num_per_prompt] for i in idx]
         x_T = noise_for(idx, shape, seed).to(d.device)
-        cols = [generate(base_unet, vae, scheduler, text, ps, x_T, teacher_steps, guidance),
+        rows = [generate(base_unet, vae, scheduler, text, ps, x_T, teacher_steps, guidance),
                 generate(base_unet, vae, scheduler, text, ps, x_T, 1, guidance),
                 generate(adapted, vae, scheduler, text, ps, x_T, 1, guidance)]
         if d.master:
-            save_grid(torch.stack(cols, 1).flatten(0, 1), os.path.join(out_dir, "compare.png"), nrow=3)
-            print(f"wrote {out_dir}/compare.png: columns teacher {teacher_steps}-step | base 1-step | adapted 1-step")
+            save_grid(torch.cat(rows), os.path.join(out_dir, "compare.png"), nrow=len(idx))
+            print(f"wrote {out_dir}/compare.png: rows teacher {teacher_steps}-step | base 1-step | adapted 1-step")
         return
 
     total = len(all_prompts) * num_per_prompt

@@ -65,7 +65,7 @@ def test_compare_grid(tiny_sd, tmp_path):
     sample.main([f"--model={tiny_sd}", "--prompts=a bag", "--num_per_prompt=2", f"--out_dir={tmp_path}",
                  "--compare=True", "--teacher_steps=3"])
     grid = Image.open(tmp_path / "compare.png")
-    assert grid.size == (3 * 18 + 2, 2 * 18 + 2)  # 3 columns (teacher, base, adapted), one row per image
+    assert grid.size == (2 * 18 + 2, 3 * 18 + 2)  # rows teacher, base, adapted; one column per image
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1,0 +1,637 @@
+"""
+D2O: Diffusion to One-step (papers/d2o.txt), GAN-only fine-tuning of a pretrained diffusion model.
+
+The pretrained UNet, called ONCE from pure noise at the terminal timestep, is the generator; no distillation
+loss, no teacher targets: a projected discriminator (frozen feature networks, trainable multi-scale heads)
+and the non-saturating GAN objective with lazy R1 (Sec. 3.3-3.4) turn it into a one-step model. D2O-F
+(Sec. 4.2, Table 3) trains with most of the UNet frozen: the main convolutions of the residual blocks and
+the attention output projections stay as the diffusion training left them; norms, time-embedding
+projections, skip convolutions and q/k/v adapt.
+
+    python d2o.py config/fmnist_d2o.py                                # the laptop run (< 30 min CPU)
+    torchrun --nproc_per_node=8 d2o.py config/coco_d2o.py             # SD 2.1-base on COCO
+    python d2o.py config/fmnist_d2o.py --init_from=resume             # continue a run
+    python sample.py --unet=out/d2o-fmnist/unet --guidance=1          # one-step images from the EMA UNet
+
+Reads top to bottom: config, freezing, discriminator (feature networks, CCM/CSM projection, heads),
+objective, generator, training loop. Per step, as the official code: a G step on fresh noise, a D step on
+fresh noise with fakes from the updated G, an R1 step every r1_interval steps, the EMA update.
+"""
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
+
+from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, images_to_tensor,
+                    load_checkpoint, load_sd, load_split, peak_memory_gb, rng_state, save_grid, save_json,
+                    set_rng_state, setup_ddp)
+from hipa import example_noise, one_step_student
+
+# ----------------------------------------------------------------------------- config
+model = "assets/tiny-sd-fmnist"  # SD-format model (hub id or folder): the generator's initialisation
+data_dir = "data/fmnist"  # prepared data with real images (the GAN's target distribution) and captions
+split = "train"
+out_dir = "out/d2o-fmnist"
+init_from = "scratch"  # 'scratch' or 'resume' (out_dir/ckpt.pt)
+resolution = 0  # generator image size; 0 = the model's native size (real images may have another size)
+# generator
+freeze = 1  # D2O-F level (FREEZE_LEVELS): 0 = full D2O, 1 = freeze convs + attention out/ff, 2 = + q/k/v, 3 = + skip
+guidance = 1.0  # classifier-free guidance of the one-step generator; 1 = a plain conditional call (the paper uses none)
+# discriminator
+backbones = ("teacher_unet",)  # feature networks: transformers EfficientNet/DeiT/ViT (hub id, folder) or 'teacher_unet'
+offline_fallback = True  # a backbone that cannot be loaded is replaced by 'teacher_unet' (announced); False: stop
+unet_feature_t = 50  # 'teacher_unet': timestep at which the frozen UNet encoder sees the image's latent (small noise)
+proj_channels = 64  # CCM widths 64/128/256/512 at the four scales (Projected GAN's cout, expand=True)
+cmap_dim = 64  # conditional heads: logit = sum(out * proj(text)) / sqrt(cmap_dim)
+# objective and optimisation (paper Table 10)
+r1_gamma = 1.5e-4  # R1 weight with mean-reduced losses (= official gamma / per-GPU batch; see r1_penalty)
+r1_interval = 16  # lazy R1: every this many steps, weighted by the interval
+g_lr = 1e-4
+d_lr = 1e-4  # scaled by c = r1_interval / (r1_interval + 1), and beta2 ** c, for lazy R1 (StyleGAN2)
+max_iters = 800  # training images = max_iters * batch_size
+batch_size = 32  # global batch, over all ranks and micro-steps
+grad_accum = 1
+ema_kimg = 500.0  # EMA half-life in thousands of images (paper: 0.5 Mimg)
+ema_rampup = 0.05  # half-life at most ema_rampup * images seen (EDM's warm-up); 0 = off
+# logging, evaluation, checkpoints
+log_interval = 10
+eval_interval = 200  # validation grid every this many iterations (and at the end)
+ckpt_interval = 100
+num_val_prompts = 10
+teacher_steps = 25  # the grid's teacher column: DDIM steps and guidance
+teacher_guidance = 2.0
+# system
+device = "auto"
+compile = False  # torch.compile the generator (checked against eager gradients first)
+compile_backend = "inductor"
+grad_checkpointing = False  # trade compute for memory in the generator UNet and VAE decoder (SD at 512)
+seed = 0
+# -----------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------- D2O-F freezing
+# The official rule (EDM names) freezes 'conv' and 'proj' (attention out-projection), then 'qkv', then 'skip'.
+# In diffusers' names: resnets.*.conv1/conv2 are EDM's conv0/conv1; EDM fuses resampling into conv0, so the
+# separate down/upsampler convs are main convolutions too; to_out.0 is the out-projection, and the
+# transformer's own projections (proj_in/out, feed-forward) are frozen with it. Norms, time_emb_proj (EDM's
+# 'affine'), the time embedding, conv_shortcut (EDM's 'skip'), to_q/k/v and conv_in/conv_out stay trainable.
+FREEZE_LEVELS = {0: (), 1: ("conv", "resample", "attn_out", "ff", "proj_io")}
+FREEZE_LEVELS[2] = FREEZE_LEVELS[1] + ("qkv",)
+FREEZE_LEVELS[3] = FREEZE_LEVELS[2] + ("skip",)
+
+
+def param_kind(name):
+    """What a UNet2DConditionModel parameter is, from its qualified name."""
+    module = name.rsplit(".", 1)[0]
+    leaf = module.split(".")[-1]
+    if ".resnets." in module and leaf in ("conv1", "conv2"):
+        return "conv"
+    if leaf == "conv_shortcut":
+        return "skip"
+    if "samplers." in module:
+        return "resample"
+    if leaf in ("to_q", "to_k", "to_v"):
+        return "qkv"
+    if module.endswith("to_out.0"):
+        return "attn_out"
+    if ".ff." in module:
+        return "ff"
+    if leaf in ("proj_in", "proj_out"):
+        return "proj_io"
+    if "norm" in leaf:
+        return "norm"
+    if leaf == "time_emb_proj" or module.startswith("time_embedding"):
+        return "time"
+    if leaf in ("conv_in", "conv_out"):
+        return "io"
+    return "other"
+
+
+def freeze_unet(unet, level):
+    """requires_grad per D2O-F level. Returns {kind: [parameters, frozen]}."""
+    if level not in FREEZE_LEVELS:
+        raise SystemExit(f"config error: freeze must be 0 (full D2O), 1, 2 or 3, not {level!r}")
+    stats = {}
+    for name, p in unet.named_parameters():
+        kind = param_kind(name)
+        p.requires_grad_(kind not in FREEZE_LEVELS[level])
+        s = stats.setdefault(kind, [0, 0])
+        s[0] += p.numel()
+        s[1] += 0 if p.requires_grad else p.numel()
+    return stats
+
+
+def freeze_table(stats, level):
+    total, frozen = sum(s[0] for s in stats.values()), sum(s[1] for s in stats.values())
+    lines = [f"D2O-F freeze level {level}: {frozen:,} of {total:,} UNet parameters frozen "
+             f"({100 * frozen / total:.2f}%), {total - frozen:,} trainable",
+             f"  {'kind':<9} {'parameters':>13} {'% of UNet':>9} {'trainable':>13} {'frozen':>13}"]
+    for kind, (n, f) in sorted(stats.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"  {kind:<9} {n:>13,} {100 * n / total:>8.2f}% {n - f:>13,} {f:>13,}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- discriminator
+# Projected GAN (StyleGAN-XL style), as the official code builds it: per backbone, frozen features at four
+# depths -> frozen random cross-channel mixing (CCM) and top-down cross-scale mixing (CSM) -> four trainable
+# heads. The feature module is frozen and always in eval mode; only the heads train (BatchNorm in train mode).
+
+
+class PretrainedFeatures(nn.Module):
+    """A frozen ImageNet network from transformers. The official code uses timm's EfficientNet-lite0 and
+    DeiT-B distilled; transformers has no lite0, so EfficientNet-B0 (google/efficientnet-b0: same four tap
+    widths 24/40/112/320, adds squeeze-excite) and the same DeiT (facebook/deit-base-distilled-patch16-224).
+    Images in [-1, 1] -> [0, 1] -> the network's own normalisation -> resized to its input size (224).
+    EfficientNet: the last block at strides 4, 8, 16, 32. ViT/DeiT: tokens of blocks L/4, L/2, 3L/4, L (2, 5,
+    8, 11 of 12), prefix tokens dropped, as (B, D, 14, 14) maps (brought to 4 scales in the Projector)."""
+
+    def __init__(self, net, kind, mean, std):
+        super().__init__()
+        self.net, self.vit = net, kind in ("deit", "vit")
+        self.prefix = 2 if kind == "deit" else 1  # class (+ distillation) tokens
+        self.input_size = net.config.image_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        if not self.vit:  # which hidden states end a stride: found once from the shapes
+            with torch.no_grad():
+                x = torch.zeros(1, 3, self.input_size, self.input_size)
+                hidden = net(x, output_hidden_states=True).hidden_states
+            sizes = [h.shape[-1] for h in hidden]
+            ends = [i for i in range(len(sizes)) if i + 1 == len(sizes) or sizes[i + 1] != sizes[i]]
+            if len(ends) < 5:
+                raise SystemExit(f"backbone error: this EfficientNet has {len(ends)} scales, the discriminator taps 4 "
+                                 "below the stem")
+            self.taps = ends[-4:]
+
+    def forward(self, x):
+        x = ((x + 1) / 2 - self.mean) / self.std
+        x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        hidden = self.net(x, output_hidden_states=True).hidden_states
+        if not self.vit:
+            return [hidden[i] for i in self.taps]
+        n, grid = len(hidden) - 1, self.input_size // self.net.config.patch_size
+        return [hidden[n * (k + 1) // 4][:, self.prefix:].transpose(1, 2).unflatten(2, (grid, grid)) for k in range(4)]
+
+
+class TeacherUNetFeatures(nn.Module):
+    """The offline feature network (needs no download): the frozen teacher's own encoder. Image -> VAE latent
+    (posterior mean) noised to timestep t -> conv_in, down blocks, mid block, with the empty prompt as context
+    (the condition enters through the heads, as with the ImageNet backbones). Four taps evenly spaced along
+    the encoder's depth: conv_in's output ... the mid block's output. A model trained on this very domain,
+    but not the paper's discriminator: numbers from it are not comparable with the paper's."""
+
+    def __init__(self, unet, vae, scheduler, uncond, t, size):
+        super().__init__()
+        self.unet, self.vae, self.uncond, self.t, self.input_size = unet, vae, uncond, t, size
+        self.alpha_bar = float(scheduler.alphas_cumprod[t])
+        n = 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in unet.down_blocks) + 1
+        self.taps = [round(k * (n - 1) / 3) for k in range(4)]
+
+    def forward(self, x):
+        if x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        z = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        z = math.sqrt(self.alpha_bar) * z + math.sqrt(1 - self.alpha_bar) * torch.randn_like(z)
+        unet, context = self.unet, self.uncond.expand(len(z), -1, -1)
+        emb = unet.time_embedding(unet.time_proj(torch.full((len(z),), self.t, device=z.device)).to(z.dtype))
+        h = unet.conv_in(z)
+        feats = [h]
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, res = block(h, temb=emb, encoder_hidden_states=context)
+            else:
+                h, res = block(h, temb=emb)
+            feats += list(res)
+        feats.append(unet.mid_block(h, emb, encoder_hidden_states=context))
+        return [feats[i] for i in self.taps]
+
+
+class Projector(nn.Module):
+    """Frozen random projection (Projected GAN, proj_type=2, expand=True). CCM: 1x1 convs to cout * (1, 2, 4, 8)
+    channels. CSM, top-down: h3 = conv(up2(c3)), hk = conv(up2(ck + h(k+1))), convs halving the channels except
+    the finest; bilinear x2, no activation. ViT taps first go to strides 4, 8, 16, 32 as in the official code
+    (DPT's reassembly): 1x1 conv to D/8, D/4, D/2, D channels, then transposed conv x4, x2, identity, conv /2."""
+
+    def __init__(self, in_channels, cout, vit_dim=None):
+        super().__init__()
+        self.reassemble = None
+        if vit_dim:
+            c = [vit_dim // 8, vit_dim // 4, vit_dim // 2, vit_dim]
+            self.reassemble = nn.ModuleList([
+                nn.Sequential(nn.Conv2d(vit_dim, c[0], 1), nn.ConvTranspose2d(c[0], c[0], 4, stride=4)),
+                nn.Sequential(nn.Conv2d(vit_dim, c[1], 1), nn.ConvTranspose2d(c[1], c[1], 2, stride=2)),
+                nn.Conv2d(vit_dim, c[2], 1),
+                nn.Sequential(nn.Conv2d(vit_dim, c[3], 1), nn.Conv2d(c[3], c[3], 3, stride=2, padding=1))])
+            in_channels = c
+        mixed = [cout, cout * 2, cout * 4, cout * 8]
+        self.ccm = nn.ModuleList(nn.Conv2d(i, o, 1) for i, o in zip(in_channels, mixed))
+        self.csm = nn.ModuleList(nn.Conv2d(o, o // 2 if k else o, 1) for k, o in enumerate(mixed))
+
+    def forward(self, feats):
+        if self.reassemble is not None:
+            feats = [r(f) for r, f in zip(self.reassemble, feats)]
+        mixed = [ccm(f) for ccm, f in zip(self.ccm, feats)]
+        out, h = [None] * 4, None
+        for k in (3, 2, 1, 0):
+            x = mixed[k]
+            if h is not None:  # taps that are not exactly 2x apart (teacher_unet) meet at the finer one's size
+                x = x + (h if h.shape[-2:] == x.shape[-2:] else
+                         F.interpolate(h, size=x.shape[-2:], mode="bilinear", align_corners=True))
+            h = out[k] = self.csm[k](F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
+        return out
+
+
+def sn_conv(c_in, c_out, kernel, stride, padding):
+    return nn.utils.parametrizations.spectral_norm(nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False))
+
+
+HEAD_CHANNELS = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
+
+
+def nearest_size(res):
+    return min(HEAD_CHANNELS, key=lambda s: abs(s - res))
+
+
+class Head(nn.Module):
+    """One conditional multi-scale head (Projected GAN's SingleDiscCond): DownBlocks (spectral-norm conv 4x4
+    stride 2, BatchNorm, LeakyReLU 0.2) from the map's size (nearest power of two) down to `end` (8 for 224
+    inputs: depth 4/3/2/1 on the four scales), a spectral-norm conv to cmap_dim channels, and the projection
+    logit = sum(out * proj(text)) / sqrt(cmap_dim) per position."""
+
+    def __init__(self, channels, res, end, text_dim, cmap_dim):
+        super().__init__()
+        size, widths, layers = nearest_size(res), dict(HEAD_CHANNELS), []
+        widths[size] = channels
+        while size > end:
+            layers += [sn_conv(widths[size], widths[size // 2], 4, 2, 1), nn.BatchNorm2d(widths[size // 2]),
+                       nn.LeakyReLU(0.2)]
+            size //= 2
+        self.main = nn.Sequential(*layers)
+        self.cls = sn_conv(widths[end], cmap_dim, 4 if end >= 8 else max(1, end // 2), 1, 0)
+        self.embed_proj = nn.Sequential(nn.Linear(text_dim, cmap_dim), nn.LeakyReLU(0.2))
+        self.cmap_dim = cmap_dim
+
+    def forward(self, x, text):
+        out = self.cls(self.main(x))
+        cmap = self.embed_proj(text)[:, :, None, None]
+        return ((out * cmap).sum(1) / math.sqrt(self.cmap_dim)).flatten(1)
+
+
+class ProjectedDiscriminator(nn.Module):
+    """D(images in [-1, 1], pooled text embeddings) -> one (B, positions) logit tensor per backbone."""
+
+    def __init__(self, feature_nets, text_dim, cout, cmap_dim, device):
+        super().__init__()
+        self.backbones = nn.ModuleList(feature_nets).requires_grad_(False).eval()
+        self.projectors, self.heads = nn.ModuleList(), nn.ModuleList()
+        for net in feature_nets:
+            with torch.no_grad():
+                feats = net(torch.zeros(1, 3, net.input_size, net.input_size, device=device))
+                proj = Projector([f.shape[1] for f in feats], cout,
+                                 feats[0].shape[1] if getattr(net, "vit", False) else None).to(device)
+                maps = proj(feats)
+            end = 8 if maps[-1].shape[-1] >= 8 else nearest_size(maps[-1].shape[-1])
+            self.projectors.append(proj.requires_grad_(False))
+            heads = nn.ModuleList(Head(m.shape[1], m.shape[-1], end, text_dim, cmap_dim) for m in maps)
+            self.heads.append(heads.to(device))
+        self.train()
+
+    def train(self, mode=True):  # the feature module stays in eval mode whatever D is asked (frozen BatchNorms)
+        super().train(mode)
+        self.backbones.eval(), self.projectors.eval()
+        return self
+
+    def forward(self, images, text):
+        return [torch.cat([head(m, text) for head, m in zip(heads, proj(net(images)))], 1)
+                for net, proj, heads in zip(self.backbones, self.projectors, self.heads)]
+
+
+def load_backbone(spec):
+    """A transformers EfficientNet / DeiT / ViT as a PretrainedFeatures, or None if it cannot be loaded."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import cached_file
+    try:
+        kind = AutoConfig.from_pretrained(spec).model_type
+        if kind not in ("efficientnet", "deit", "vit"):
+            raise SystemExit(f"config error: backbone '{spec}' is a '{kind}' model; the discriminator takes "
+                             "EfficientNet, DeiT or ViT (transformers), or 'teacher_unet'")
+        net = AutoModel.from_pretrained(spec, **({} if kind == "efficientnet" else {"add_pooling_layer": False}))
+        stats_file = cached_file(spec, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    except (OSError, ValueError):  # unreachable offline, or not a transformers model
+        return None
+    stats = {}
+    if stats_file:
+        with open(stats_file) as f:
+            stats = json.load(f)
+    mean = stats.get("image_mean", [0.485, 0.456, 0.406])
+    std = stats.get("image_std", [0.229, 0.224, 0.225])
+    if kind == "efficientnet" and stats.get("include_top", False):  # its processor divides by std twice (Keras port)
+        std = [s * s for s in std]
+    return PretrainedFeatures(net.requires_grad_(False).eval(), kind, mean, std)
+
+
+def build_discriminator(specs, teacher, vae, scheduler, uncond, image_size, text_dim, device, verbose=True):
+    """The feature networks of `specs` ('teacher_unet' or transformers models), then the projected D. A backbone
+    that cannot be loaded is replaced by 'teacher_unet' if offline_fallback, else a clear error."""
+    nets, names = [], []
+    for spec in specs:
+        net = None if spec == "teacher_unet" else load_backbone(spec)
+        if net is None and spec != "teacher_unet":
+            if not offline_fallback:
+                raise SystemExit(f"backbone error: cannot load '{spec}' (offline, or not a transformers model folder); "
+                                 "download it or give its local folder, or set offline_fallback=True")
+            if verbose:
+                print("=" * 100 + f"\nWARNING: discriminator backbone '{spec}' cannot be loaded; using the offline "
+                      "fallback 'teacher_unet' (the frozen teacher's encoder).\nNumbers from it are not comparable "
+                      "with the paper's; give a local folder for paper runs.\n" + "=" * 100)
+            spec = "teacher_unet"
+        if spec == "teacher_unet" and spec not in names:
+            net = TeacherUNetFeatures(teacher, vae, scheduler, uncond, unet_feature_t, image_size)
+        if net is not None:
+            nets.append(net.to(device))
+            names.append(spec)
+    return ProjectedDiscriminator(nets, text_dim, proj_channels, cmap_dim, device), names
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+def generator_loss(fake_logits):
+    """Non-saturating G loss (Sec. 3.3): softplus(-D(G(z))), mean over images and positions, summed over backbones."""
+    return sum(F.softplus(-l).mean() for l in fake_logits)
+
+
+def discriminator_loss(fake_logits, real_logits):
+    """softplus(D(G(z))) + softplus(-D(x)), reduced as generator_loss."""
+    return sum(F.softplus(l).mean() for l in fake_logits) + sum(F.softplus(-l).mean() for l in real_logits)
+
+
+def r1_penalty(D, real, text):
+    """Per-image R1 penalty |grad_x sum(D(x))|^2 on real images, through the whole discriminator (features
+    included), with the graph kept for the double backward. As the official code, the logits are summed over
+    positions and backbones here while the adversarial terms average over positions. The official adversarial
+    terms are also summed over the per-GPU batch (a per-image list) while R1 is a batch mean, so with our
+    mean-reduced terms gamma = gamma_official / per-GPU batch. The MATH attention kernel: the fused ones have
+    no double backward."""
+    real = real.detach().requires_grad_(True)
+    with sdpa_kernel([SDPBackend.MATH]):
+        logits = D(real, text)
+        grad, = torch.autograd.grad(sum(l.sum() for l in logits), real, create_graph=True)
+    return grad.square().sum([1, 2, 3])
+
+
+def ema_decay(images_seen, batch, halflife_kimg, rampup):
+    """EDM / official EMA: half-life h = min(halflife_kimg * 1000, rampup * images_seen) images,
+    decay = 0.5 ** (batch / h) per step (0 at the first step: the EMA starts at the weights)."""
+    h = halflife_kimg * 1000
+    if rampup:
+        h = min(h, rampup * images_seen)
+    return 0.5 ** (batch / max(h, 1e-8))
+
+
+def optimizer_step(opt, params, d):
+    """Average gradients over ranks (one flat all-reduce: no DDP wrappers, whose hooks fight the GAN's
+    alternating requires_grad), nan_to_num as the official code, step, zero."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if d.ddp:
+        flat = torch.cat([g.flatten() for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= d.world_size
+        grads = [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)]
+    for p, g in zip(params, grads):
+        p.grad = torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- generator and data
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, prompts):
+    """(last hidden states (B, L, D): the UNet's cross-attention context, pooled (B, D): the heads' condition)."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    out = text_encoder(ids.to(text_encoder.device))
+    return out.last_hidden_state, out.pooler_output
+
+
+def generate(unet, scheduler, vae, cond, uncond, shape, device):
+    """The generator: fresh x_T, one UNet call at t = T-1 (bf16 autocast on CUDA), x0, VAE decode (fp32),
+    images in [-1, 1]."""
+    x_T = torch.randn(len(cond), *shape, device=device)
+    with autocast(device):
+        x0 = one_step_student(unet, scheduler, x_T, cond, uncond, guidance)
+    return decode(vae, x0.float()) * 2 - 1
+
+
+def load_real_data(root, split_name):
+    _, rows = load_split(root, split_name, need_images=False)
+    if not os.path.exists(os.path.join(root, f"{split_name}_images.u8")):
+        raise SystemExit(f"data error: D2O trains on real images, but {root} has no {split_name}_images.u8 (captions "
+                         "only?); prepare it with images, e.g. prepare_coco.py --resolution=256")
+    return load_split(root, split_name, need_images=True)
+
+
+@torch.no_grad()
+def validation_grid(teacher, ema, vae, scheduler, text, prompts, shape, device, path):
+    """Columns: teacher N-step | base model 1-step | D2O 1-step (EMA); fixed prompts and seeds."""
+    x_T = example_noise(range(len(prompts)), shape, 10**6).to(device)  # seeds outside any training noise
+    cond = encode_text(text[0], text[1], prompts)[0]
+    uncond = text[2].expand(len(prompts), -1, -1)
+    cols = []
+    for unet, steps, w in ((teacher, teacher_steps, teacher_guidance), (teacher, 1, guidance), (ema, 1, guidance)):
+        with autocast(device):
+            cols.append(decode(vae, ddim_sample(unet, scheduler, x_T, cond, uncond, steps, w)))
+    save_grid(torch.stack(cols, 1).flatten(0, 1), path, nrow=3)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv):
+    from configurator import configure
+    config = configure(globals(), argv)
+    d = setup_ddp(device)
+    if init_from not in ("scratch", "resume"):
+        raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', not '{init_from}'")
+    if batch_size % (grad_accum * d.world_size):
+        raise SystemExit(f"config error: batch_size {batch_size} must divide by grad_accum * world size "
+                         f"({grad_accum} * {d.world_size})")
+    if r1_interval < 1:
+        raise SystemExit(f"config error: r1_interval must be >= 1, not {r1_interval}")
+    if not backbones:
+        raise SystemExit("config error: backbones must name at least one feature network")
+    micro = batch_size // (grad_accum * d.world_size)
+    torch.manual_seed(seed * d.world_size + d.rank)  # per-rank seeds
+
+    # --- data: real images (any size: the discriminator resizes) and their captions
+    images, rows = load_real_data(data_dir, split)
+    n = len(rows)
+    iters_per_epoch = n // batch_size
+    if iters_per_epoch == 0:
+        raise SystemExit(f"config error: {n} real images are fewer than one batch of {batch_size}")
+    val_prompts = list(dict.fromkeys(r["captions"][0] for r in rows[:1000]))[:num_val_prompts]
+
+    # --- models: frozen teacher, generator G (its trainable copy), EMA of G, discriminator D
+    tokenizer, text_encoder, vae, teacher, scheduler = load_sd(model, d.device)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = resolution or teacher.config.sample_size * factor
+    multiple = factor * 2 ** (len(teacher.config.block_out_channels) - 1)
+    if size % multiple:
+        raise SystemExit(f"config error: resolution {size} must be a multiple of {multiple} for this model "
+                         f"(VAE factor {factor} x UNet downsampling)")
+    shape = (teacher.config.in_channels, size // factor, size // factor)
+    uncond = encode_text(tokenizer, text_encoder, [""])[0]
+    G = copy.deepcopy(teacher).train()
+    stats = freeze_unet(G, freeze)
+    g_names = [k for k, p in G.named_parameters() if p.requires_grad]
+    g_params = [p for p in G.parameters() if p.requires_grad]
+    ema = copy.deepcopy(G).requires_grad_(False).eval()
+    ema_params = [dict(ema.named_parameters())[k] for k in g_names]
+    with torch.random.fork_rng(devices=[]):  # D's random parts: the same on every rank and every run
+        torch.manual_seed(seed)
+        D, d_backbones = build_discriminator(backbones, teacher, vae, scheduler, uncond, size,
+                                             text_encoder.config.hidden_size, d.device, verbose=d.master)
+    d_params = list(D.heads.parameters())
+    if d.master:
+        print(freeze_table(stats, freeze))
+        print(f"discriminator: backbones {d_backbones}, {sum(p.numel() for p in d_params):,} trainable head parameters")
+    if grad_checkpointing:
+        G.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+
+    opt_g = torch.optim.Adam(g_params, lr=g_lr, betas=(0.0, 0.99), eps=1e-8)
+    c = r1_interval / (r1_interval + 1) if r1_gamma > 0 else 1.0  # lazy regularisation (StyleGAN2)
+    opt_d = torch.optim.Adam(d_params, lr=d_lr * c, betas=(0.0, 0.99 ** c), eps=1e-8)
+    it = 0
+    if init_from == "resume":
+        ck = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        if sorted(ck["g"]) != sorted(g_names):
+            raise SystemExit("resume error: the checkpoint trains other UNet parameters (another freeze level?)")
+        with torch.no_grad():
+            for k, p, e in zip(g_names, g_params, ema_params):
+                p.copy_(ck["g"][k]), e.copy_(ck["ema"][k])
+        D.heads.load_state_dict(ck["d_heads"]), D.projectors.load_state_dict(ck["d_projectors"])
+        opt_g.load_state_dict(ck["opt_g"]), opt_d.load_state_dict(ck["opt_d"])
+        it = ck["iter"]
+        set_rng_state(ck["rng"][d.rank] if len(ck["rng"]) == d.world_size else ck["rng"][0])
+        print(f"resumed from {out_dir}/ckpt.pt at iteration {it}")
+    generator = G
+    if compile:
+        cond = encode_text(tokenizer, text_encoder, val_prompts[:2])[0]
+        x = example_noise([0, 1], shape, seed).to(d.device)
+        generator = checked_compile(G, lambda m: one_step_student(m, scheduler, x, cond, None, 1.0).square().mean(),
+                                    backend=compile_backend)
+    if d.master:
+        os.makedirs(out_dir, exist_ok=True)
+        save_json(config, os.path.join(out_dir, "config.json"))
+    log_path = os.path.join(out_dir, "log.jsonl")
+
+    def save_checkpoint():
+        rngs = [rng_state()]
+        if d.ddp:
+            rngs = [None] * d.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
+        if d.master:
+            atomic_save({"g": {k: p.detach().cpu() for k, p in zip(g_names, g_params)},
+                         "ema": {k: e.detach().cpu() for k, e in zip(g_names, ema_params)},
+                         "d_heads": D.heads.state_dict(), "d_projectors": D.projectors.state_dict(),
+                         "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "iter": it,
+                         "data_position": list(divmod(it, iters_per_epoch)), "rng": rngs, "config": config},
+                        os.path.join(out_dir, "ckpt.pt"))
+
+    pbar = tqdm(total=max_iters, initial=it, disable=not d.master, desc="d2o")
+    t0, seen, sums = time.time(), 0, {}
+    while it < max_iters:
+        epoch, pos = divmod(it, iters_per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # the epoch's order
+        batch = order[pos * batch_size: (pos + 1) * batch_size]
+        micros = []  # this rank's micro-batches: (cond, pooled text, real images)
+        for m in range(grad_accum):
+            idx = batch[(m * d.world_size + d.rank) * micro: (m * d.world_size + d.rank + 1) * micro].tolist()
+            prompts = [rows[k]["captions"][torch.randint(len(rows[k]["captions"]), (1,)).item()] for k in idx]
+            micros.append((*encode_text(tokenizer, text_encoder, prompts), images_to_tensor(images[idx]).to(d.device)))
+        step = {"g_loss": 0.0, "d_loss": 0.0, "logit_real": 0.0, "logit_fake": 0.0}
+
+        # G step: fresh noise, D fixed
+        for p in d_params:
+            p.requires_grad_(False)
+        for cond, pooled, _ in micros:
+            fake = generate(generator, scheduler, vae, cond, uncond.expand(len(cond), -1, -1), shape, d.device)
+            loss = generator_loss(D(fake, pooled)) / grad_accum
+            loss.backward()
+            step["g_loss"] += loss.item()
+        for p in d_params:
+            p.requires_grad_(True)
+        optimizer_step(opt_g, g_params, d)
+
+        # D step: fresh noise, fakes from the updated G
+        for cond, pooled, real in micros:
+            with torch.no_grad():
+                fake = generate(generator, scheduler, vae, cond, uncond.expand(len(cond), -1, -1), shape, d.device)
+            fake_logits, real_logits = D(fake, pooled), D(real, pooled)
+            loss = discriminator_loss(fake_logits, real_logits) / grad_accum
+            loss.backward()
+            step["d_loss"] += loss.item()
+            step["logit_fake"] += torch.cat(fake_logits, 1).mean().item() / grad_accum
+            step["logit_real"] += torch.cat(real_logits, 1).mean().item() / grad_accum
+        optimizer_step(opt_d, d_params, d)
+
+        # lazy R1 on real images, weighted by the interval
+        if r1_gamma > 0 and it > 0 and it % r1_interval == 0:
+            step["r1"] = 0.0
+            for _, pooled, real in micros:
+                penalty = r1_penalty(D, real, pooled).mean()
+                (penalty * (r1_gamma / 2) * r1_interval / grad_accum).backward()
+                step["r1"] += penalty.item() / grad_accum
+            optimizer_step(opt_d, d_params, d)
+
+        beta = ema_decay(it * batch_size, batch_size, ema_kimg, ema_rampup)
+        with torch.no_grad():
+            for e, p in zip(ema_params, g_params):
+                e.copy_(p.detach().lerp(e, beta))
+        it += 1
+        seen += batch_size
+        pbar.update(1)
+        for k, v in step.items():
+            sums[k] = (sums.get(k, (0.0, 0))[0] + v, sums.get(k, (0.0, 0))[1] + 1)
+        if it % log_interval == 0 or it == max_iters:
+            names = sorted(sums)
+            vals = all_reduce_mean([sums[k][0] / sums[k][1] for k in names], d)
+            record = {"iter": it, "epoch": epoch, **dict(zip(names, vals)), "ema_beta": beta,
+                      "img_per_s": seen / (time.time() - t0), "peak_mem_gb": peak_memory_gb(d.device)}
+            pbar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("iter", "epoch")))
+            if d.master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            t0, seen, sums = time.time(), 0, {}
+        if d.master and (it % eval_interval == 0 or it == max_iters):
+            validation_grid(teacher, ema, vae, scheduler, (tokenizer, text_encoder, uncond), val_prompts, shape,
+                            d.device, os.path.join(out_dir, f"val_{it:06d}.png"))
+        if it % ckpt_interval == 0 or it == max_iters:
+            save_checkpoint()
+    pbar.close()
+    if d.master:  # the EMA UNet, a plain diffusers folder (safetensors); replaced whole, never half-written
+        path = os.path.join(out_dir, "unet")
+        ema.save_pretrained(path + ".tmp", safe_serialization=True)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(path + ".tmp", path)
+        print(f"saved {path} (UNet2DConditionModel.from_pretrained loads it; "
+              f"python sample.py --model={model} --unet={path} --guidance={guidance:g})")
+    if d.ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

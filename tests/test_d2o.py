@@ -1,0 +1,309 @@
+"""d2o.py: freezing, the projected discriminator, the GAN objective and the loop do what the paper and users rely on."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import d2o
+from common import load_sd, write_split
+
+
+def sd21_unet():
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):  # SD 2.1's UNet config, no memory
+        return UNet2DConditionModel(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
+            attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def frozen_fraction(stats):
+    return sum(f for _, f in stats.values()) / sum(n for n, _ in stats.values())
+
+
+# ----------------------------------------------------------------------------- D2O-F freezing
+
+def test_freeze_levels_on_sd21_unet_freeze_the_papers_share():
+    unet = sd21_unet()
+    stats = {level: d2o.freeze_unet(unet, level) for level in range(4)}
+    fractions = [frozen_fraction(stats[level]) for level in range(4)]
+    print("frozen fractions on SD 2.1's UNet, levels 0-3:", [f"{f:.4f}" for f in fractions])
+    assert fractions[0] == 0 and fractions[0] < fractions[1] < fractions[2] < fractions[3] < 1
+    # Level 1 measures 85.39%: resnet convs 56.4% + feed-forward 17.2% + resamplers 6.1% + attention out-proj 2.9%
+    # + proj_in/out 2.9%. The paper freezes 85.8% (Table 3) on NCSN++ ("85% of parameters frozen").
+    assert 0.84 < fractions[1] < 0.87
+    assert fractions[2] - fractions[1] == pytest.approx(0.0868, abs=1e-3)  # q/k/v
+    assert fractions[3] - fractions[2] == pytest.approx(0.0269, abs=1e-3)  # skip convs
+    level1 = stats[1]
+    for kind in ("norm", "time", "skip", "qkv", "io"):  # what D2O-F tunes
+        assert level1[kind][1] == 0, kind
+    for kind in ("conv", "resample", "attn_out", "ff", "proj_io"):
+        assert level1[kind][1] == level1[kind][0], kind
+    names = dict(unet.named_parameters())
+    d2o.freeze_unet(unet, 1)
+    assert not names["down_blocks.0.resnets.0.conv1.weight"].requires_grad
+    assert not names["mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0.weight"].requires_grad
+    assert names["down_blocks.0.resnets.0.time_emb_proj.weight"].requires_grad
+    assert names["up_blocks.1.resnets.0.conv_shortcut.weight"].requires_grad
+    assert names["conv_in.weight"].requires_grad and names["conv_out.weight"].requires_grad
+    assert "freeze level 1" in d2o.freeze_table(stats[1], 1) and "85.39%" in d2o.freeze_table(stats[1], 1)
+    with pytest.raises(SystemExit, match="freeze must be 0"):
+        d2o.freeze_unet(unet, 4)
+
+
+@pytest.fixture
+def sd(tiny_sd):
+    return load_sd(tiny_sd)
+
+
+def test_frozen_parameters_get_no_gradient_and_do_not_move(sd, monkeypatch):
+    tokenizer, text_encoder, vae, unet, scheduler = sd
+    d2o.freeze_unet(unet, 1)
+    before = {k: p.detach().clone() for k, p in unet.named_parameters()}
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=1e-2, betas=(0.0, 0.99))
+    cond = d2o.encode_text(tokenizer, text_encoder, ["a bag", "a sneaker"])[0]
+    monkeypatch.setattr(d2o, "guidance", 1.0)
+    fake = d2o.generate(unet, scheduler, vae, cond, None, (4, 8, 8), torch.device("cpu"))
+    fake.square().mean().backward()
+    for k, p in unet.named_parameters():
+        assert (p.grad is None) == (not p.requires_grad), k
+    opt.step()
+    for k, p in unet.named_parameters():
+        assert torch.equal(p, before[k]) == (not p.requires_grad), k  # frozen: bit-identical; trainable: moved
+
+
+# ----------------------------------------------------------------------------- discriminator
+
+
+def check_only_heads_train(D, images, text):
+    D.train()
+    assert all(m.training for m in D.heads.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in D.heads.modules())
+    assert not any(m.training for m in D.backbones.modules()) and not any(m.training for m in D.projectors.modules())
+    assert not any(p.requires_grad for p in D.backbones.parameters())
+    assert not any(p.requires_grad for p in D.projectors.parameters())
+    logits = D(images, text)
+    d2o.discriminator_loss(logits, [-l for l in logits]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in D.heads.parameters())
+    assert all(p.grad is None for p in list(D.backbones.parameters()) + list(D.projectors.parameters()))
+    return logits
+
+
+def test_teacher_unet_discriminator_shapes_and_only_heads_train(sd):
+    tokenizer, text_encoder, vae, unet, scheduler = sd
+    uncond, pooled = d2o.encode_text(tokenizer, text_encoder, ["", "a bag", "a sneaker"])
+    D, names = d2o.build_discriminator(("teacher_unet",), unet, vae, scheduler, uncond[:1], 16, 32, "cpu")
+    assert names == ["teacher_unet"] and len(D.heads) == 1 and len(D.heads[0]) == 4
+    taps = D.backbones[0](torch.zeros(2, 3, 16, 16))
+    assert [f.shape[-1] for f in taps] == [8, 8, 4, 4]  # conv_in, first resnet, last resnet, mid block (8x8 latents)
+    maps = D.projectors[0](taps)
+    assert [tuple(m.shape[1:]) for m in maps] == [(64, 16, 16), (64, 16, 16), (128, 8, 8), (256, 8, 8)]  # CSM: x2
+    logits = check_only_heads_train(D, torch.rand(2, 3, 16, 16) * 2 - 1, pooled[1:])
+    assert len(logits) == 1 and logits[0].shape == (2, 2 * 5 * 5 + 2 * 5 * 5)  # 4 heads, 5x5 logits each
+    assert not unet.training and not vae.training  # the shared teacher stays in eval mode
+
+
+def tiny_backbones(root):
+    from transformers import DeiTConfig, DeiTModel, EfficientNetConfig, EfficientNetModel
+    torch.manual_seed(0)
+    eff = EfficientNetModel(EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.25,
+                                               hidden_dim=320, dropout_rate=0.0, drop_connect_rate=0.0))
+    eff.save_pretrained(str(root / "effnet"))
+    deit = DeiTModel(DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                intermediate_size=64), add_pooling_layer=False)
+    deit.save_pretrained(str(root / "deit"))
+    # EfficientNet's processor normalises by image_std twice (include_top, the Keras port): sqrt(std) on file
+    json.dump({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.4785, 0.4733, 0.4743], "include_top": True},
+              open(root / "effnet" / "preprocessor_config.json", "w"))
+    return str(root / "effnet"), str(root / "deit")
+
+
+def test_transformers_backbones_efficientnet_and_deit(sd, tmp_path):
+    tokenizer, text_encoder, vae, unet, scheduler = sd
+    effnet, deit = tiny_backbones(tmp_path)
+    uncond, pooled = d2o.encode_text(tokenizer, text_encoder, ["", "a bag", "a sneaker"])
+    D, names = d2o.build_discriminator((effnet, deit), unet, vae, scheduler, uncond[:1], 16, 32, "cpu")
+    assert names == [effnet, deit]
+    eff_net, deit_net = D.backbones
+    torch.testing.assert_close(eff_net.std.flatten(), torch.tensor([0.4785, 0.4733, 0.4743]) ** 2)
+    torch.testing.assert_close(deit_net.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))  # ImageNet default
+    x = torch.rand(2, 3, 16, 16) * 2 - 1  # resized to the backbones' input size (32 here, 224 for the real ones)
+    assert [f.shape[-1] for f in eff_net(x)] == [8, 4, 2, 1]  # strides 4, 8, 16, 32
+    tokens = deit_net(x)
+    assert [tuple(t.shape[1:]) for t in tokens] == [(32, 4, 4)] * 4  # 4 of the blocks, 2 prefix tokens dropped
+    maps = D.projectors[1](tokens)  # strides 4, 8, 16, 32 by the reassembly, then x2 by CSM
+    assert [tuple(m.shape[1:]) for m in maps] == [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4)]
+    logits = check_only_heads_train(D, x, pooled[1:])
+    assert [tuple(l.shape) for l in logits] == [(2, 4 * 2 * 2), (2, 4 * 3 * 3)]
+    penalty = d2o.r1_penalty(D, x, pooled[1:])  # double backward through both networks
+    assert penalty.shape == (2,) and torch.isfinite(penalty).all() and (penalty > 0).all()
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+def test_loss_signs():
+    up, down = [torch.full((2, 5), 2.0)], [torch.full((2, 5), -2.0)]
+    assert d2o.discriminator_loss(fake_logits=down, real_logits=up) < d2o.discriminator_loss(up, down)
+    assert d2o.generator_loss(up) < d2o.generator_loss(down)  # G wants its fakes called real
+    zero = [torch.zeros(2, 5), torch.zeros(2, 3)]  # two backbones: summed, each a mean
+    torch.testing.assert_close(d2o.discriminator_loss(zero, zero), torch.tensor(4 * np.log(2), dtype=torch.float32))
+    torch.testing.assert_close(d2o.generator_loss(zero), torch.tensor(2 * np.log(2), dtype=torch.float32))
+
+
+def test_r1_penalty_is_the_hand_computed_gradient_norm():
+    w = torch.nn.Parameter(torch.randn(1, 3, 4, 4))
+
+    def toy_d(x, text):  # two "backbones": 0.5 t |x|^2 (one logit) and w * x per pixel (48 logits)
+        return [0.5 * text[:, :1] * x.square().sum([1, 2, 3])[:, None], (w * x).flatten(1)]
+    x, text = torch.randn(2, 3, 4, 4), torch.rand(2, 8)
+    penalty = d2o.r1_penalty(toy_d, x, text)
+    grad = text[:, :1, None, None] * x + w  # d/dx of the sum of all logits, per image
+    torch.testing.assert_close(penalty, grad.square().sum([1, 2, 3]))
+    penalty.sum().backward()  # the graph is kept: R1 trains D
+    torch.testing.assert_close(w.grad, (2 * grad).sum(0, keepdim=True))
+
+
+def test_ema_decay_is_the_official_formula():
+    def official(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio):  # the authors' training_loop.py
+        ema_halflife_nimg = ema_halflife_kimg * 1000
+        if ema_rampup_ratio is not None and ema_rampup_ratio != 0:
+            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
+        return 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
+    for seen in (0, 256, 10**4, 10**6, 10**7, 5 * 10**7):
+        for batch, kimg, ramp in ((256, 500, 0.05), (32, 0.5, 0.05), (512, 50000, 0.05), (64, 10, 0.0)):
+            assert d2o.ema_decay(seen, batch, kimg, ramp) == official(seen, batch, kimg, ramp)
+    assert d2o.ema_decay(0, 256, 500, 0.05) == 0.0  # the first step copies the weights
+    assert d2o.ema_decay(10**8, 256, 500, 0.05) == pytest.approx(0.5 ** (256 / 500_000))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    words = ["a photo of a sneaker", "a bag", "an ankle boot", "a photo of a bag"]
+    rows = [{"id": i, "captions": [words[i % 4], words[(i + 1) % 4]]} for i in range(16)]
+    images = np.random.RandomState(0).randint(0, 256, (16, 16, 16, 3)).astype(np.uint8)
+    write_split(str(root), "train", images, rows, source="test")
+    return str(root)
+
+
+def run_args(model, data, out, *extra):
+    return [f"--model={model}", f"--data_dir={data}", f"--out_dir={out}", "--batch_size=4", "--max_iters=4",
+            "--r1_interval=2", "--log_interval=1", "--eval_interval=100", "--ckpt_interval=1", "--teacher_steps=2",
+            "--num_val_prompts=3", "--init_from=scratch", *extra]
+
+
+def test_end_to_end_writes_an_ema_unet_that_diffusers_and_sample_load(tiny_sd, real_data, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    import sample
+    out = tmp_path / "run"
+    d2o.main(run_args(tiny_sd, real_data, out, "--g_lr=1e-3"))
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(log) == 4 and all(np.isfinite(r["g_loss"]) and np.isfinite(r["d_loss"]) for r in log)
+    assert [("r1" in r) for r in log] == [False, False, True, False]  # lazy R1 at iterations 2 (0-based)
+    assert (out / "val_000004.png").exists() and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert not (out / "unet.tmp").exists()
+
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    exported = UNet2DConditionModel.from_pretrained(out / "unet")
+    tokenizer, text_encoder, vae, base, scheduler = load_sd(tiny_sd)
+    original = {k: p.clone() for k, p in base.named_parameters()}
+    base.load_state_dict({**original, **ck["ema"]})
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = d2o.encode_text(tokenizer, text_encoder, ["a bag", "an ankle boot"])[0]
+    with torch.no_grad():
+        ours, theirs = (d2o.one_step_student(u, scheduler, x_T, cond, None, 1.0) for u in (base, exported))
+    assert torch.equal(ours, theirs)  # the folder holds exactly the EMA weights
+    moved = {k for k in ck["ema"] if not torch.equal(ck["ema"][k], original[k])}
+    assert moved and moved <= set(ck["g"])
+    for k, p in exported.named_parameters():  # D2O-F: the frozen layers are exactly the pretrained ones
+        if k not in ck["g"]:
+            assert torch.equal(p, original[k]), k
+    assert d2o.param_kind(sorted(set(original) - set(ck["g"]))[0]) in d2o.FREEZE_LEVELS[1]
+
+    sample.main([f"--model={tiny_sd}", f"--unet={out / 'unet'}", "--guidance=1", "--num_per_prompt=2",
+                 f"--out_dir={tmp_path / 'samples'}", "--grid=False"])
+    assert (tmp_path / "samples" / "000001.png").exists()
+
+
+def test_first_ema_is_the_weights_and_transformers_backbones_train(tiny_sd, real_data, tmp_path):
+    effnet, deit = tiny_backbones(tmp_path)
+    out = tmp_path / "run"
+    d2o.main(run_args(tiny_sd, real_data, out, "--max_iters=1", f"--backbones=('{effnet}', '{deit}')",
+                      "--offline_fallback=False"))
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(ck["g"][k], ck["ema"][k]) for k in ck["g"])  # EMA decay 0 at the first step
+    assert len(ck["d_heads"]) > 0 and any(k.startswith("1.") for k in ck["d_heads"])  # two backbones' heads
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tiny_sd, real_data, tmp_path, monkeypatch):
+    d2o.main(run_args(tiny_sd, real_data, tmp_path / "a", "--max_iters=5"))
+    straight = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    real_save, saves = d2o.atomic_save, []
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        saves.append(1)
+        if len(saves) == 3:  # after iteration 3 (an epoch has 4), the R1 step at iteration 2 (0-based) behind
+            raise Killed
+    monkeypatch.setattr(d2o, "atomic_save", save_then_die)
+    with pytest.raises(Killed):
+        d2o.main(run_args(tiny_sd, real_data, tmp_path / "b", "--max_iters=5"))
+    monkeypatch.setattr(d2o, "atomic_save", real_save)
+    d2o.main(run_args(tiny_sd, real_data, tmp_path / "b", "--max_iters=5", "--init_from=resume"))
+    resumed = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert resumed["iter"] == straight["iter"] == 5 and resumed["data_position"] == [1, 1]
+    for part in ("g", "ema", "d_heads", "d_projectors"):
+        assert straight[part].keys() == resumed[part].keys()
+        for k in straight[part]:
+            assert torch.equal(straight[part][k], resumed[part][k]), (part, k)
+    for opt in ("opt_g", "opt_d"):
+        for i, state in straight[opt]["state"].items():
+            assert torch.equal(state["exp_avg_sq"], resumed[opt]["state"][i]["exp_avg_sq"]), (opt, i)
+
+
+def test_unreachable_backbone_falls_back_loudly(sd, capsys, monkeypatch):
+    tokenizer, text_encoder, vae, unet, scheduler = sd
+    uncond = d2o.encode_text(tokenizer, text_encoder, [""])[0]
+    monkeypatch.setattr(d2o, "offline_fallback", True)
+    D, names = d2o.build_discriminator(("/nonexistent/efficientnet", "teacher_unet"), unet, vae, scheduler, uncond,
+                                       16, 32, "cpu")
+    assert names == ["teacher_unet"] and isinstance(D.backbones[0], d2o.TeacherUNetFeatures)
+    assert "WARNING: discriminator backbone '/nonexistent/efficientnet' cannot be loaded" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def captions_only(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captions_only")
+    rows = [{"id": i, "captions": ["a bag"]} for i in range(16)]
+    write_split(str(root), "train", np.zeros((16, 16, 16, 3), np.uint8), rows, source="test")
+    (root / "train_images.u8").unlink()
+    return str(root)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--freeze=4"], "freeze must be 0 .full D2O., 1, 2 or 3, not 4"),
+    (["--data_dir=/nonexistent"], "meta.json not found"),
+    (["--data_dir=CAPTIONS_ONLY"], "D2O trains on real images, but .* has no train_images.u8"),
+    (["--backbones=('/nonexistent/effnet',)", "--offline_fallback=False"], "cannot load '/nonexistent/effnet'"),
+    (["--model=/nonexistent/model"], "not an SD-format folder"),
+    (["--batch_size=32"], "16 real images are fewer than one batch of 32"),
+    (["--resolution=18"], "resolution 18 must be a multiple of 4"),
+    (["--r1_interval=0"], "r1_interval must be >= 1"),
+    (["--init_from=latest"], "init_from must be"),
+])
+def test_bad_input_fails_before_writing_anything(tiny_sd, real_data, captions_only, tmp_path, extra, message):
+    extra = [e.replace("CAPTIONS_ONLY", captions_only) for e in extra]
+    with pytest.raises(SystemExit, match=message):
+        d2o.main(run_args(tiny_sd, real_data, tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
