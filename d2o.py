@@ -25,7 +25,6 @@ import shutil
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -133,8 +132,8 @@ def freeze_unet(unet, level):
 
 def freeze_table(stats, level):
     total, frozen = sum(s[0] for s in stats.values()), sum(s[1] for s in stats.values())
-    lines = [f"D2O-F freeze level {level}: {frozen:,} of {total:,} UNet parameters frozen "
-             f"({100 * frozen / total:.2f}%), {total - frozen:,} trainable",
+    lines = [(f"D2O-F freeze level {level}: {frozen:,} of {total:,} UNet parameters frozen "
+              f"({100 * frozen / total:.2f}%), {total - frozen:,} trainable"),
              f"  {'kind':<9} {'parameters':>13} {'% of UNet':>9} {'trainable':>13} {'frozen':>13}"]
     for kind, (n, f) in sorted(stats.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"  {kind:<9} {n:>13,} {100 * n / total:>8.2f}% {n - f:>13,} {f:>13,}")
@@ -194,7 +193,8 @@ class TeacherUNetFeatures(nn.Module):
         super().__init__()
         self.unet, self.vae, self.uncond, self.t, self.input_size = unet, vae, uncond, t, size
         self.alpha_bar = float(scheduler.alphas_cumprod[t])
-        n = 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in unet.down_blocks) + 1
+        n = 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in unet.down_blocks)  # conv_in, skips
+        n += unet.mid_block is not None
         self.taps = [round(k * (n - 1) / 3) for k in range(4)]
 
     def forward(self, x):
@@ -212,7 +212,8 @@ class TeacherUNetFeatures(nn.Module):
             else:
                 h, res = block(h, temb=emb)
             feats += list(res)
-        feats.append(unet.mid_block(h, emb, encoder_hidden_states=context))
+        if unet.mid_block is not None:
+            feats.append(unet.mid_block(h, emb, encoder_hidden_states=context))
         return [feats[i] for i in self.taps]
 
 
@@ -436,7 +437,8 @@ def generate(unet, scheduler, vae, cond, uncond, shape, device):
 
 
 def load_real_data(root, split_name):
-    _, rows = load_split(root, split_name, need_images=False)
+    """(images memmap, caption rows); a clear error for captions-only data (prepare_coco.py --resolution=0)."""
+    load_split(root, split_name, need_images=False)  # meta.json and captions first, with their own errors
     if not os.path.exists(os.path.join(root, f"{split_name}_images.u8")):
         raise SystemExit(f"data error: D2O trains on real images, but {root} has no {split_name}_images.u8 (captions "
                          "only?); prepare it with images, e.g. prepare_coco.py --resolution=256")
@@ -492,6 +494,9 @@ def main(argv):
         raise SystemExit(f"config error: resolution {size} must be a multiple of {multiple} for this model "
                          f"(VAE factor {factor} x UNet downsampling)")
     shape = (teacher.config.in_channels, size // factor, size // factor)
+    if not 0 <= unet_feature_t < scheduler.config.num_train_timesteps:
+        raise SystemExit(f"config error: unet_feature_t must be a timestep in [0, "
+                         f"{scheduler.config.num_train_timesteps}), not {unet_feature_t}")
     uncond = encode_text(tokenizer, text_encoder, [""])[0]
     G = copy.deepcopy(teacher).train()
     stats = freeze_unet(G, freeze)

@@ -439,7 +439,8 @@ def main(argv):
         vae.enable_gradient_checkpointing()
     text = (tokenizer, text_encoder, encode_prompts(tokenizer, text_encoder, [""]))
     dists = load_dists(vgg_weights, dists_weights, cache_dir, verbose=d.master).to(d.device) if loss == "hipa" else None
-    adaptation_loss(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), dists, loss)  # bad `loss` fails before writing
+    probe = torch.rand(1, 3, 8, 8, device=d.device)
+    adaptation_loss(probe, probe, dists, loss)  # a bad `loss` fails here, before anything is written
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     ema = [p.detach().clone() for p in params] if ema_decay > 0 else None

@@ -1,6 +1,7 @@
 # D2O-F on the shipped tiny teacher (assets/tiny-sd-fmnist, 32x32 Fashion-MNIST, UNet 64/96), the embedded
-# default: offline on a laptop CPU, about 25 minutes on 2 cores (measured 1.55 s per step at batch 32, plus an
-# R1 step of about 1.5 s every 16 steps: 800 steps ~ 22 min, plus start-up and 5 validation grids).
+# default: offline on a laptop CPU. Measured on 2 shared CPU cores with this architecture: 1.55 s per step at
+# batch 32, an R1 step of about 1.5 s every 16 steps, 1.62 s per step on average with grids and checkpoints:
+# 800 steps ~ 22 minutes, plus ~10 s start-up.
 #   python prepare_fmnist.py && python d2o.py config/fmnist_d2o.py
 #   python sample.py --unet=out/d2o-fmnist/unet --guidance=1 --compare=True --prompts="a photo of a sneaker"
 model = "assets/tiny-sd-fmnist"

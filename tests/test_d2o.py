@@ -108,6 +108,7 @@ def test_teacher_unet_discriminator_shapes_and_only_heads_train(sd):
 
 def tiny_backbones(root):
     from transformers import DeiTConfig, DeiTModel, EfficientNetConfig, EfficientNetModel
+
     torch.manual_seed(0)
     eff = EfficientNetModel(EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.25,
                                                hidden_dim=320, dropout_rate=0.0, drop_connect_rate=0.0))
@@ -116,8 +117,8 @@ def tiny_backbones(root):
                                 intermediate_size=64), add_pooling_layer=False)
     deit.save_pretrained(str(root / "deit"))
     # EfficientNet's processor normalises by image_std twice (include_top, the Keras port): sqrt(std) on file
-    json.dump({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.4785, 0.4733, 0.4743], "include_top": True},
-              open(root / "effnet" / "preprocessor_config.json", "w"))
+    (root / "effnet" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.4785, 0.4733, 0.4743], "include_top": True}))
     return str(root / "effnet"), str(root / "deit")
 
 
@@ -204,7 +205,7 @@ def test_end_to_end_writes_an_ema_unet_that_diffusers_and_sample_load(tiny_sd, r
     import sample
     out = tmp_path / "run"
     d2o.main(run_args(tiny_sd, real_data, out, "--g_lr=1e-3"))
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 4 and all(np.isfinite(r["g_loss"]) and np.isfinite(r["d_loss"]) for r in log)
     assert [("r1" in r) for r in log] == [False, False, True, False]  # lazy R1 at iterations 2 (0-based)
     assert (out / "val_000004.png").exists() and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
@@ -212,7 +213,7 @@ def test_end_to_end_writes_an_ema_unet_that_diffusers_and_sample_load(tiny_sd, r
 
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     exported = UNet2DConditionModel.from_pretrained(out / "unet")
-    tokenizer, text_encoder, vae, base, scheduler = load_sd(tiny_sd)
+    tokenizer, text_encoder, _, base, scheduler = load_sd(tiny_sd)
     original = {k: p.clone() for k, p in base.named_parameters()}
     base.load_state_dict({**original, **ck["ema"]})
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -225,7 +226,7 @@ def test_end_to_end_writes_an_ema_unet_that_diffusers_and_sample_load(tiny_sd, r
     for k, p in exported.named_parameters():  # D2O-F: the frozen layers are exactly the pretrained ones
         if k not in ck["g"]:
             assert torch.equal(p, original[k]), k
-    assert d2o.param_kind(sorted(set(original) - set(ck["g"]))[0]) in d2o.FREEZE_LEVELS[1]
+    assert d2o.param_kind(min(set(original) - set(ck["g"]))) in d2o.FREEZE_LEVELS[1]
 
     sample.main([f"--model={tiny_sd}", f"--unet={out / 'unet'}", "--guidance=1", "--num_per_prompt=2",
                  f"--out_dir={tmp_path / 'samples'}", "--grid=False"])
@@ -240,6 +241,16 @@ def test_first_ema_is_the_weights_and_transformers_backbones_train(tiny_sd, real
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert all(torch.equal(ck["g"][k], ck["ema"][k]) for k in ck["g"])  # EMA decay 0 at the first step
     assert len(ck["d_heads"]) > 0 and any(k.startswith("1.") for k in ck["d_heads"])  # two backbones' heads
+
+
+@pytest.mark.parametrize("config", ["config/fmnist_d2o.py", "config/coco_d2o.py"])
+def test_config_files_apply(config, monkeypatch):
+    import os
+
+    import configurator
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    resolved = configurator.configure(dict(vars(d2o)), [config], print_config=False)  # unknown key, wrong type: error
+    assert resolved["freeze"] == 1 and resolved["batch_size"] % 8 == 0
 
 
 class Killed(Exception):
@@ -300,6 +311,7 @@ def captions_only(tmp_path_factory):
     (["--batch_size=32"], "16 real images are fewer than one batch of 32"),
     (["--resolution=18"], "resolution 18 must be a multiple of 4"),
     (["--r1_interval=0"], "r1_interval must be >= 1"),
+    (["--unet_feature_t=1000"], r"unet_feature_t must be a timestep in \[0, 1000\)"),
     (["--init_from=latest"], "init_from must be"),
 ])
 def test_bad_input_fails_before_writing_anything(tiny_sd, real_data, captions_only, tmp_path, extra, message):
