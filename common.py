@@ -115,11 +115,13 @@ def load_sd(path, device="cpu", dtype=torch.float32):
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts):
-    """Prompts -> the text encoder's last hidden states (B, L, D), what the UNet cross-attends to."""
+def encode_prompts(tokenizer, text_encoder, prompts, pooled=False):
+    """Prompts -> the text encoder's last hidden states (B, L, D), what the UNet cross-attends to
+    (and, with pooled=True, also the pooled output (B, D))."""
     ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+    out = text_encoder(ids.to(text_encoder.device))
+    return (out.last_hidden_state, out.pooler_output) if pooled else out.last_hidden_state
 
 
 def predict_x0_eps(model_out, x_t, alpha_bar, prediction_type):
@@ -144,6 +146,20 @@ def guided_unet(unet, x, t, cond, uncond, guidance):
     out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
     out_uncond, out_cond = out.chunk(2)
     return out_uncond + guidance * (out_cond - out_uncond)
+
+
+def seeded_noise(indices, shape, base_seed):
+    """x_T for items `indices`: item k always gets the noise of seed base_seed + k, whatever the batch or rank."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(base_seed + int(k)))
+                        for k in indices])
+
+
+def one_step_x0(unet, scheduler, x_T, cond, uncond, w):
+    """The one-step generator of both methods, in latent space: one guided UNet call at t = T-1 (999 for SD)
+    from pure noise, then the x0 formula of the model's prediction type."""
+    t = scheduler.config.num_train_timesteps - 1
+    out = guided_unet(unet, x_T.to(cond.dtype), t, cond, uncond, w)
+    return predict_x0_eps(out, x_T, scheduler.alphas_cumprod[t], scheduler.config.prediction_type)[0]
 
 
 @torch.no_grad()

@@ -31,10 +31,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, images_to_tensor,
-                    load_checkpoint, load_sd, load_split, peak_memory_gb, rng_state, save_grid, save_json,
-                    set_rng_state, setup_ddp)
-from hipa import example_noise, one_step_student
+from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
+                    images_to_tensor, load_checkpoint, load_sd, load_split, one_step_x0, peak_memory_gb, rng_state,
+                    save_grid, save_json, seeded_noise, set_rng_state, setup_ddp)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model (hub id or folder): the generator's initialisation
@@ -418,21 +417,12 @@ def optimizer_step(opt, params, d):
 # ----------------------------------------------------------------------------- generator and data
 
 
-@torch.no_grad()
-def encode_text(tokenizer, text_encoder, prompts):
-    """(last hidden states (B, L, D): the UNet's cross-attention context, pooled (B, D): the heads' condition)."""
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    out = text_encoder(ids.to(text_encoder.device))
-    return out.last_hidden_state, out.pooler_output
-
-
 def generate(unet, scheduler, vae, cond, uncond, shape, device):
     """The generator: fresh x_T, one UNet call at t = T-1 (bf16 autocast on CUDA), x0, VAE decode (fp32),
     images in [-1, 1]."""
     x_T = torch.randn(len(cond), *shape, device=device)
     with autocast(device):
-        x0 = one_step_student(unet, scheduler, x_T, cond, uncond, guidance)
+        x0 = one_step_x0(unet, scheduler, x_T, cond, uncond, guidance)
     return decode(vae, x0.float()) * 2 - 1
 
 
@@ -448,8 +438,8 @@ def load_real_data(root, split_name):
 @torch.no_grad()
 def validation_grid(teacher, ema, vae, scheduler, text, prompts, shape, device, path):
     """Columns: teacher N-step | base model 1-step | D2O 1-step (EMA); fixed prompts and seeds."""
-    x_T = example_noise(range(len(prompts)), shape, 10**6).to(device)  # seeds outside any training noise
-    cond = encode_text(text[0], text[1], prompts)[0]
+    x_T = seeded_noise(range(len(prompts)), shape, 10**6).to(device)  # seeds outside any training noise
+    cond = encode_prompts(text[0], text[1], prompts)
     uncond = text[2].expand(len(prompts), -1, -1)
     cols = []
     for unet, steps, w in ((teacher, teacher_steps, teacher_guidance), (teacher, 1, guidance), (ema, 1, guidance)):
@@ -497,7 +487,7 @@ def main(argv):
     if not 0 <= unet_feature_t < scheduler.config.num_train_timesteps:
         raise SystemExit(f"config error: unet_feature_t must be a timestep in [0, "
                          f"{scheduler.config.num_train_timesteps}), not {unet_feature_t}")
-    uncond = encode_text(tokenizer, text_encoder, [""])[0]
+    uncond = encode_prompts(tokenizer, text_encoder, [""])
     G = copy.deepcopy(teacher).train()
     stats = freeze_unet(G, freeze)
     g_names = [k for k, p in G.named_parameters() if p.requires_grad]
@@ -534,9 +524,9 @@ def main(argv):
         print(f"resumed from {out_dir}/ckpt.pt at iteration {it}")
     generator = G
     if compile:
-        cond = encode_text(tokenizer, text_encoder, val_prompts[:2])[0]
-        x = example_noise([0, 1], shape, seed).to(d.device)
-        generator = checked_compile(G, lambda m: one_step_student(m, scheduler, x, cond, None, 1.0).square().mean(),
+        cond = encode_prompts(tokenizer, text_encoder, val_prompts[:2])
+        x = seeded_noise([0, 1], shape, seed).to(d.device)
+        generator = checked_compile(G, lambda m: one_step_x0(m, scheduler, x, cond, None, 1.0).square().mean(),
                                     backend=compile_backend)
     if d.master:
         os.makedirs(out_dir, exist_ok=True)
@@ -566,7 +556,8 @@ def main(argv):
         for m in range(grad_accum):
             idx = batch[(m * d.world_size + d.rank) * micro: (m * d.world_size + d.rank + 1) * micro].tolist()
             prompts = [rows[k]["captions"][torch.randint(len(rows[k]["captions"]), (1,)).item()] for k in idx]
-            micros.append((*encode_text(tokenizer, text_encoder, prompts), images_to_tensor(images[idx]).to(d.device)))
+            micros.append((*encode_prompts(tokenizer, text_encoder, prompts, pooled=True),
+                           images_to_tensor(images[idx]).to(d.device)))
         step = {"g_loss": 0.0, "d_loss": 0.0, "logit_real": 0.0, "logit_fake": 0.0}
 
         # G step: fresh noise, D fixed

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
-                    guided_unet, latent_shape, load_checkpoint, load_sd, load_split, peak_memory_gb, predict_x0_eps,
-                    rng_state, save_grid, save_json, set_rng_state, setup_ddp)
+                    latent_shape, load_checkpoint, load_sd, load_split, one_step_x0, peak_memory_gb, rng_state,
+                    save_grid, save_json, seeded_noise, set_rng_state, setup_ddp)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
@@ -322,19 +322,6 @@ def example_prompts(rows, n, base_seed):
                                                           generator=pick).item()] for k in range(n)]
 
 
-def example_noise(indices, shape, base_seed):
-    """x_T of examples `indices`: example k always gets the noise of seed base_seed + k."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(base_seed + int(k)))
-                        for k in indices])
-
-
-def one_step_student(unet, scheduler, x_T, cond, uncond, w):
-    """The adapted model's image in latent space: one guided UNet call at t = T-1 and the x0 formula."""
-    t = scheduler.config.num_train_timesteps - 1
-    out = guided_unet(unet, x_T.to(cond.dtype), t, cond, uncond, w)
-    return predict_x0_eps(out, x_T, scheduler.alphas_cumprod[t], scheduler.config.prediction_type)[0]
-
-
 def cache_key(unet, scheduler, prompts_hash, latent_shape, n):
     """Teacher targets are valid for one model, sampler, resolution, noise seed and example list."""
     probe = [float(p.float().sum()) for p in (unet.conv_in.weight, unet.conv_out.weight)]
@@ -350,7 +337,7 @@ def teacher_latents(unet, loras, scheduler, text, prompts, indices, shape, devic
     cond = encode_prompts(text[0], text[1], [prompts[k] for k in indices]).to(dtype)
     uncond = text[2].expand(len(indices), -1, -1).to(dtype)
     with autocast(device):
-        x = ddim_sample(unet, scheduler, example_noise(indices, shape, seed).to(device), cond, uncond,
+        x = ddim_sample(unet, scheduler, seeded_noise(indices, shape, seed).to(device), cond, uncond,
                         teacher_steps, guidance)
     set_lora(loras, True)
     return x
@@ -385,7 +372,7 @@ def build_teacher_cache(unet, loras, scheduler, text, prompts, shape, d, dtype, 
 def validation_grid(unet, loras, vae, scheduler, text, prompts, shape, device, dtype, path):
     """Columns: teacher N-step | base model 1-step | student 1-step; fixed prompts and seeds."""
     idx = list(range(len(prompts)))
-    x_T = example_noise(idx, shape, 10**6).to(device)  # seeds outside the training examples'
+    x_T = seeded_noise(idx, shape, 10**6).to(device)  # seeds outside the training examples'
     cond = encode_prompts(text[0], text[1], prompts).to(dtype)
     uncond = text[2].expand(len(prompts), -1, -1).to(dtype)
     cols = []
@@ -457,8 +444,8 @@ def main(argv):
     student = unet
     if compile:
         c = encode_prompts(tokenizer, text_encoder, prompts[:2]).to(dtype)
-        x = example_noise([0, 1], shape, seed).to(d.device)
-        student = checked_compile(unet, lambda m: one_step_student(m, scheduler, x, c, None, 1.0).square().mean(),
+        x = seeded_noise([0, 1], shape, seed).to(d.device)
+        student = checked_compile(unet, lambda m: one_step_x0(m, scheduler, x, c, None, 1.0).square().mean(),
                                   backend=compile_backend)
     if d.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -510,7 +497,7 @@ def main(argv):
             if d.ddp:
                 student.require_backward_grad_sync = m == grad_accum - 1
             with autocast(d.device):
-                x0 = one_step_student(student, scheduler, example_noise(idx, shape, seed).to(d.device), cond, uncond,
+                x0 = one_step_x0(student, scheduler, seeded_noise(idx, shape, seed).to(d.device), cond, uncond,
                                       guidance)
             student_images = decode(vae, x0.float())  # VAE and losses in fp32
             terms = adaptation_loss(student_images, teacher_images, dists, loss)

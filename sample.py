@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import (autocast, ddim_sample, decode, encode_prompts, images_to_tensor, latent_shape, load_sd,
-                    save_grid, save_json, setup_ddp, write_jsonl)
+                    save_grid, save_json, seeded_noise, setup_ddp, write_jsonl)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model: hub id or folder
@@ -80,11 +80,6 @@ def merge_lora(unet, path):
     return len(pairs)
 
 
-def noise_for(indices, shape, base_seed):
-    """x_T for images `indices`: image i's noise depends only on seed + i (not on batch or rank)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(base_seed + i)) for i in indices])
-
-
 @torch.no_grad()
 def generate(unet_, vae, scheduler, text, batch_prompts, x_T, n_steps, w):
     """Images in [0, 1] for a batch: each distinct prompt encoded once, one UNet call per step
@@ -127,7 +122,7 @@ def main(argv):
     if compare:  # one picture of what the adaptation changed: rows teacher | base 1-step | adapted 1-step
         idx = [p * num_per_prompt + j for p in range(min(len(all_prompts), 10)) for j in range(min(num_per_prompt, 3))]
         ps = [all_prompts[i // num_per_prompt] for i in idx]
-        x_T = noise_for(idx, shape, seed).to(d.device)
+        x_T = seeded_noise(idx, shape, seed).to(d.device)
         rows = [generate(base_unet, vae, scheduler, text, ps, x_T, teacher_steps, guidance),
                 generate(base_unet, vae, scheduler, text, ps, x_T, 1, guidance),
                 generate(adapted, vae, scheduler, text, ps, x_T, 1, guidance)]
@@ -142,7 +137,7 @@ def main(argv):
     t0, made = time.time(), 0
     for start in tqdm(range(0, len(mine), batch_size), disable=not d.master, desc="sampling"):
         idx = mine[start: start + batch_size]
-        x_T = noise_for(idx, shape, seed).to(d.device)
+        x_T = seeded_noise(idx, shape, seed).to(d.device)
         with autocast(d.device):
             images = generate(adapted, vae, scheduler, text, [all_prompts[i // num_per_prompt] for i in idx],
                               x_T, steps, guidance)

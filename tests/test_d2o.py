@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import d2o
-from common import load_sd, write_split
+from common import encode_prompts, load_sd, one_step_x0, write_split
 
 
 def sd21_unet():
@@ -64,7 +64,7 @@ def test_frozen_parameters_get_no_gradient_and_do_not_move(sd, monkeypatch):
     before = {k: p.detach().clone() for k, p in unet.named_parameters()}
     trainable = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=1e-2, betas=(0.0, 0.99))
-    cond = d2o.encode_text(tokenizer, text_encoder, ["a bag", "a sneaker"])[0]
+    cond = encode_prompts(tokenizer, text_encoder, ["a bag", "a sneaker"])
     monkeypatch.setattr(d2o, "guidance", 1.0)
     fake = d2o.generate(unet, scheduler, vae, cond, None, (4, 8, 8), torch.device("cpu"))
     fake.square().mean().backward()
@@ -94,7 +94,7 @@ def check_only_heads_train(D, images, text):
 
 def test_teacher_unet_discriminator_shapes_and_only_heads_train(sd):
     tokenizer, text_encoder, vae, unet, scheduler = sd
-    uncond, pooled = d2o.encode_text(tokenizer, text_encoder, ["", "a bag", "a sneaker"])
+    uncond, pooled = encode_prompts(tokenizer, text_encoder, ["", "a bag", "a sneaker"], pooled=True)
     D, names = d2o.build_discriminator(("teacher_unet",), unet, vae, scheduler, uncond[:1], 16, 32, "cpu")
     assert names == ["teacher_unet"] and len(D.heads) == 1 and len(D.heads[0]) == 4
     taps = D.backbones[0](torch.zeros(2, 3, 16, 16))
@@ -125,7 +125,7 @@ def tiny_backbones(root):
 def test_transformers_backbones_efficientnet_and_deit(sd, tmp_path):
     tokenizer, text_encoder, vae, unet, scheduler = sd
     effnet, deit = tiny_backbones(tmp_path)
-    uncond, pooled = d2o.encode_text(tokenizer, text_encoder, ["", "a bag", "a sneaker"])
+    uncond, pooled = encode_prompts(tokenizer, text_encoder, ["", "a bag", "a sneaker"], pooled=True)
     D, names = d2o.build_discriminator((effnet, deit), unet, vae, scheduler, uncond[:1], 16, 32, "cpu")
     assert names == [effnet, deit]
     eff_net, deit_net = D.backbones
@@ -217,9 +217,9 @@ def test_end_to_end_writes_an_ema_unet_that_diffusers_and_sample_load(tiny_sd, r
     original = {k: p.clone() for k, p in base.named_parameters()}
     base.load_state_dict({**original, **ck["ema"]})
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    cond = d2o.encode_text(tokenizer, text_encoder, ["a bag", "an ankle boot"])[0]
+    cond = encode_prompts(tokenizer, text_encoder, ["a bag", "an ankle boot"])
     with torch.no_grad():
-        ours, theirs = (d2o.one_step_student(u, scheduler, x_T, cond, None, 1.0) for u in (base, exported))
+        ours, theirs = (one_step_x0(u, scheduler, x_T, cond, None, 1.0) for u in (base, exported))
     assert torch.equal(ours, theirs)  # the folder holds exactly the EMA weights
     moved = {k for k in ck["ema"] if not torch.equal(ck["ema"][k], original[k])}
     assert moved and moved <= set(ck["g"])
@@ -285,7 +285,7 @@ def test_resume_continues_exactly(tiny_sd, real_data, tmp_path, monkeypatch):
 
 def test_unreachable_backbone_falls_back_loudly(sd, capsys, monkeypatch):
     tokenizer, text_encoder, vae, unet, scheduler = sd
-    uncond = d2o.encode_text(tokenizer, text_encoder, [""])[0]
+    uncond = encode_prompts(tokenizer, text_encoder, [""])
     monkeypatch.setattr(d2o, "offline_fallback", True)
     D, names = d2o.build_discriminator(("/nonexistent/efficientnet", "teacher_unet"), unet, vae, scheduler, uncond,
                                        16, 32, "cpu")

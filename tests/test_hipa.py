@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hipa
-from common import encode_prompts, load_sd, write_split
+from common import encode_prompts, load_sd, one_step_x0, write_split
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -34,7 +34,7 @@ def student_latents(sd, loras=None, guidance=2.0):
     cond = encode_prompts(tokenizer, text_encoder, ["a bag", "a sneaker"])
     uncond = encode_prompts(tokenizer, text_encoder, ["", ""])
     with torch.no_grad():
-        return hipa.one_step_student(unet, scheduler, x_T, cond, uncond, guidance)
+        return one_step_x0(unet, scheduler, x_T, cond, uncond, guidance)
 
 
 def randomise(loras, seed=0):
