@@ -215,6 +215,19 @@ def setup_ddp(device="auto"):
     return Dist(True, rank, local_rank, world, dev, rank == 0)
 
 
+def start_run(device, init_from, batch_size, grad_accum, seed):
+    """The first lines of every trainer: DDP set-up, the checks that need the world size, per-rank seeds.
+    Returns (Dist, micro-batch per rank): the global batch stays batch_size for any number of ranks."""
+    d = setup_ddp(device)
+    if init_from not in ("scratch", "resume"):
+        raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', not '{init_from}'")
+    if batch_size % (grad_accum * d.world_size):
+        raise SystemExit(f"config error: batch_size {batch_size} must divide by grad_accum * world size "
+                         f"({grad_accum} * {d.world_size})")
+    torch.manual_seed(seed * d.world_size + d.rank)
+    return d, batch_size // (grad_accum * d.world_size)
+
+
 def all_reduce_mean(values, d):
     """Mean of a list of floats over ranks (for logging)."""
     t = torch.tensor(values, dtype=torch.float64, device=d.device)

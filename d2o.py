@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
                     images_to_tensor, load_checkpoint, load_sd, load_split, one_step_x0, peak_memory_gb, rng_state,
-                    save_grid, save_json, seeded_noise, set_rng_state, setup_ddp)
+                    save_grid, save_json, seeded_noise, set_rng_state, start_run)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model (hub id or folder): the generator's initialisation
@@ -454,18 +454,11 @@ def validation_grid(teacher, ema, vae, scheduler, text, prompts, shape, device, 
 def main(argv):
     from configurator import configure
     config = configure(globals(), argv)
-    d = setup_ddp(device)
-    if init_from not in ("scratch", "resume"):
-        raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', not '{init_from}'")
-    if batch_size % (grad_accum * d.world_size):
-        raise SystemExit(f"config error: batch_size {batch_size} must divide by grad_accum * world size "
-                         f"({grad_accum} * {d.world_size})")
+    d, micro = start_run(device, init_from, batch_size, grad_accum, seed)
     if r1_interval < 1:
         raise SystemExit(f"config error: r1_interval must be >= 1, not {r1_interval}")
     if not backbones:
         raise SystemExit("config error: backbones must name at least one feature network")
-    micro = batch_size // (grad_accum * d.world_size)
-    torch.manual_seed(seed * d.world_size + d.rank)  # per-rank seeds
 
     # --- data: real images (any size: the discriminator resizes) and their captions
     images, rows = load_real_data(data_dir, split)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
                     latent_shape, load_checkpoint, load_sd, load_split, one_step_x0, peak_memory_gb, rng_state,
-                    save_grid, save_json, seeded_noise, set_rng_state, setup_ddp)
+                    save_grid, save_json, seeded_noise, set_rng_state, start_run)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
@@ -390,14 +390,7 @@ def validation_grid(unet, loras, vae, scheduler, text, prompts, shape, device, d
 def main(argv):
     from configurator import configure
     config = configure(globals(), argv)
-    d = setup_ddp(device)
-    if init_from not in ("scratch", "resume"):
-        raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', not '{init_from}'")
-    if batch_size % (grad_accum * d.world_size):
-        raise SystemExit(f"config error: batch_size {batch_size} must divide by grad_accum * world size "
-                         f"({grad_accum} * {d.world_size})")
-    micro = batch_size // (grad_accum * d.world_size)
-    torch.manual_seed(seed * d.world_size + d.rank)  # per-rank seeds
+    d, micro = start_run(device, init_from, batch_size, grad_accum, seed)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32  # the frozen UNet
 
     # --- data: one (prompt, noise seed) pair per example, fixed across epochs so the teacher can be cached

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode,
                     encode_prompts, images_to_tensor, load_checkpoint, load_split, peak_memory_gb,
-                    rng_state, save_grid, save_json, set_rng_state, setup_ddp)
+                    rng_state, save_grid, save_json, set_rng_state, start_run)
 
 # ----------------------------------------------------------------------------- config
 out_dir = "out/pretrain"  # checkpoints, sample grids, config.json and the final model/ folder
@@ -213,8 +213,7 @@ def grid_prompts(rows):
 def main(argv):
     from configurator import configure
     config = configure(globals(), argv)
-    d = setup_ddp(device)
-    torch.manual_seed(seed + d.rank)  # per-rank seeds
+    d, micro = start_run(device, init_from, batch_size, grad_accum, seed)
     if d.master:
         os.makedirs(out_dir, exist_ok=True)
         save_json(config, os.path.join(out_dir, "config.json"))
@@ -223,9 +222,6 @@ def main(argv):
     if resolution % 2 ** (len(vae_channels) - 1) or resolution != images.shape[2]:
         raise SystemExit(f"config error: images are {images.shape[1]}x{images.shape[2]}; need square images "
                          f"divisible by {2 ** (len(vae_channels) - 1)}")
-    assert batch_size % (grad_accum * d.world_size) == 0, "batch_size must divide by grad_accum * world size"
-    accum = grad_accum  # micro-steps per rank: the global batch stays batch_size for any world size
-    micro = batch_size // (grad_accum * d.world_size)
 
     tokenizer = build_tokenizer([c for r in rows for c in r["captions"]], max_length)
     vae, unet, text_encoder = build_models(tokenizer, resolution)
@@ -249,8 +245,6 @@ def main(argv):
         data_gen.set_state(ck["data_gen"][d.rank] if d.world_size == len(ck["data_gen"]) else ck["data_gen"][0])
         set_rng_state(ck["rng"][d.rank] if d.world_size == len(ck["rng"]) else ck["rng"][0])
         print(f"resumed from {out_dir}/ckpt.pt at iteration {it}")
-    elif init_from != "scratch":
-        raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', not '{init_from}'")
 
     if d.master:
         n_params = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in
@@ -306,9 +300,9 @@ def main(argv):
                 g_["lr"] = lr * min(1.0, (it - vae_iters + 1) / max(1, warmup_iters))
         model.train()
         losses = []
-        for micro_step in range(1 if vae_phase else accum):
+        for micro_step in range(1 if vae_phase else grad_accum):
             if d.ddp:
-                model.require_backward_grad_sync = vae_phase or micro_step == accum - 1
+                model.require_backward_grad_sync = vae_phase or micro_step == grad_accum - 1
             idx = torch.randint(len(images), (B,), generator=data_gen)
             with autocast(d.device):
                 if vae_phase:
@@ -328,7 +322,7 @@ def main(argv):
                     a = alphas[t].view(-1, 1, 1, 1)
                     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
                     loss = F.mse_loss(model(noisy, t, ids).float(), noise)
-                    loss = loss / accum
+                    loss = loss / grad_accum
             loss.backward()
             losses.append(loss.item())
         params = vae.parameters() if vae_phase else denoiser.parameters()
@@ -345,7 +339,7 @@ def main(argv):
                 for pe, p in zip(ema.parameters(), denoiser.parameters()):
                     pe.lerp_(p, 1 - decay)
         it += 1
-        seen += B * d.world_size * (1 if vae_phase else accum)
+        seen += B * d.world_size * (1 if vae_phase else grad_accum)
         pbar.update(1)
         if it % log_interval == 0 or it == total:
             loss_mean = all_reduce_mean([sum(losses)], d)[0]

@@ -39,3 +39,23 @@ def tiny_sd(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd_v(tmp_path_factory):
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v"), prediction_type="v_prediction")
+
+
+class Killed(Exception):
+    pass
+
+
+def run_killed_after(module, argv, k, monkeypatch):
+    """Run module.main(argv) as a process that dies right after writing its k-th checkpoint."""
+    real_save, saves = module.atomic_save, []
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        saves.append(obj.get("iter"))
+        if len(saves) == k:
+            raise Killed
+    monkeypatch.setattr(module, "atomic_save", save_then_die)
+    with pytest.raises(Killed):
+        module.main(argv)
+    monkeypatch.setattr(module, "atomic_save", real_save)
+    return saves

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import d2o
+from conftest import run_killed_after
 from common import encode_prompts, load_sd, one_step_x0, write_split
 
 
@@ -253,24 +254,11 @@ def test_config_files_apply(config, monkeypatch):
     assert resolved["freeze"] == 1 and resolved["batch_size"] % 8 == 0
 
 
-class Killed(Exception):
-    pass
-
-
 def test_resume_continues_exactly(tiny_sd, real_data, tmp_path, monkeypatch):
     d2o.main(run_args(tiny_sd, real_data, tmp_path / "a", "--max_iters=5"))
     straight = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
-    real_save, saves = d2o.atomic_save, []
-
-    def save_then_die(obj, path):
-        real_save(obj, path)
-        saves.append(1)
-        if len(saves) == 3:  # after iteration 3 (an epoch has 4), the R1 step at iteration 2 (0-based) behind
-            raise Killed
-    monkeypatch.setattr(d2o, "atomic_save", save_then_die)
-    with pytest.raises(Killed):
-        d2o.main(run_args(tiny_sd, real_data, tmp_path / "b", "--max_iters=5"))
-    monkeypatch.setattr(d2o, "atomic_save", real_save)
+    # killed after iteration 3 (an epoch has 4), the R1 step at iteration 2 (0-based) behind
+    run_killed_after(d2o, run_args(tiny_sd, real_data, tmp_path / "b", "--max_iters=5"), 3, monkeypatch)
     d2o.main(run_args(tiny_sd, real_data, tmp_path / "b", "--max_iters=5", "--init_from=resume"))
     resumed = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert resumed["iter"] == straight["iter"] == 5 and resumed["data_position"] == [1, 1]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hipa
+from conftest import run_killed_after
 from common import encode_prompts, load_sd, one_step_x0, write_split
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -193,24 +194,10 @@ def test_training_moves_the_one_step_student_towards_the_teacher(tiny_sd, captio
     assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "val_000008.png").exists()
 
 
-class Killed(Exception):
-    pass
-
-
 def test_resume_continues_exactly(tiny_sd, captions, tmp_path, monkeypatch):
     hipa.main(run_args(tiny_sd, captions, tmp_path / "a", "--lr=1e-2"))
     straight = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
-    real_save, saves = hipa.atomic_save, []
-
-    def save_then_die(obj, path):
-        real_save(obj, path)
-        saves.append(1)
-        if len(saves) == 3:  # mid epoch 2 of 2 (2 iterations per epoch)
-            raise Killed
-    monkeypatch.setattr(hipa, "atomic_save", save_then_die)
-    with pytest.raises(Killed):
-        hipa.main(run_args(tiny_sd, captions, tmp_path / "b", "--lr=1e-2"))
-    monkeypatch.setattr(hipa, "atomic_save", real_save)
+    run_killed_after(hipa, run_args(tiny_sd, captions, tmp_path / "b", "--lr=1e-2"), 3, monkeypatch)  # mid epoch 2
     hipa.main(run_args(tiny_sd, captions, tmp_path / "b", "--lr=1e-2", "--init_from=resume"))
     resumed = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert resumed["iter"] == straight["iter"] == 4

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import pretrain
+from conftest import run_killed_after
 from common import load_checkpoint, load_sd, write_split
 
 
@@ -35,27 +36,12 @@ def test_tokenizer_keeps_caption_words_whole():
     assert tok.convert_ids_to_tokens(tok("cat").input_ids)[1:-1] == ["c", "a", "t</w>"]
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("kill_after_save", [1, 3])  # mid VAE phase; mid diffusion phase
 def test_resume_continues_bit_exactly(tiny_data, tmp_path, monkeypatch, kill_after_save):
     pretrain.main(args(tiny_data, tmp_path / "straight"))
     straight = load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
 
-    saves = []
-    real_save = pretrain.atomic_save
-
-    def save_then_die(obj, path):  # the process dies right after its k-th checkpoint
-        real_save(obj, path)
-        saves.append(obj["iter"])
-        if len(saves) == kill_after_save:
-            raise Killed
-    monkeypatch.setattr(pretrain, "atomic_save", save_then_die)
-    with pytest.raises(Killed):
-        pretrain.main(args(tiny_data, tmp_path / "killed"))
-    monkeypatch.setattr(pretrain, "atomic_save", real_save)
+    run_killed_after(pretrain, args(tiny_data, tmp_path / "killed"), kill_after_save, monkeypatch)
     assert load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))["iter"] == kill_after_save
     pretrain.main(args(tiny_data, tmp_path / "killed", "--init_from=resume"))
     resumed = load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))
