@@ -228,6 +228,15 @@ def start_run(device, init_from, batch_size, grad_accum, seed):
     return d, batch_size // (grad_accum * d.world_size)
 
 
+def gather(obj, d):
+    """Every rank's obj, in rank order (e.g. RNG states for a checkpoint that resumes exactly)."""
+    if not d.ddp:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_mean(values, d):
     """Mean of a list of floats over ranks (for logging)."""
     t = torch.tensor(values, dtype=torch.float64, device=d.device)

@@ -31,9 +31,28 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
-                    images_to_tensor, load_checkpoint, load_sd, load_split, one_step_x0, peak_memory_gb, rng_state,
-                    save_grid, save_json, seeded_noise, set_rng_state, start_run)
+from common import (
+    all_reduce_mean,
+    atomic_save,
+    autocast,
+    checked_compile,
+    ddim_sample,
+    decode,
+    encode_prompts,
+    gather,
+    images_to_tensor,
+    load_checkpoint,
+    load_sd,
+    load_split,
+    one_step_x0,
+    peak_memory_gb,
+    rng_state,
+    save_grid,
+    save_json,
+    seeded_noise,
+    set_rng_state,
+    start_run,
+)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model (hub id or folder): the generator's initialisation
@@ -527,10 +546,7 @@ def main(argv):
     log_path = os.path.join(out_dir, "log.jsonl")
 
     def save_checkpoint():
-        rngs = [rng_state()]
-        if d.ddp:
-            rngs = [None] * d.world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
+        rngs = gather(rng_state(), d)
         if d.master:
             atomic_save({"g": {k: p.detach().cpu() for k, p in zip(g_names, g_params)},
                          "ema": {k: e.detach().cpu() for k, e in zip(g_names, ema_params)},

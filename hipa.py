@@ -31,9 +31,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
-                    latent_shape, load_checkpoint, load_sd, load_split, one_step_x0, peak_memory_gb, rng_state,
-                    save_grid, save_json, seeded_noise, set_rng_state, start_run)
+from common import (
+    all_reduce_mean,
+    atomic_save,
+    autocast,
+    checked_compile,
+    ddim_sample,
+    decode,
+    encode_prompts,
+    gather,
+    latent_shape,
+    load_checkpoint,
+    load_sd,
+    load_split,
+    one_step_x0,
+    peak_memory_gb,
+    rng_state,
+    save_grid,
+    save_json,
+    seeded_noise,
+    set_rng_state,
+    start_run,
+)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
@@ -460,10 +479,7 @@ def main(argv):
     log_path = os.path.join(out_dir, "log.jsonl")
 
     def save_checkpoint():
-        rngs = [rng_state()]
-        if d.ddp:
-            rngs = [None] * d.world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
+        rngs = gather(rng_state(), d)
         if d.master:
             atomic_save({"lora": [p.detach().cpu() for p in params], "opt": opt.state_dict(), "ema": ema,
                          "iter": it, "rng": rngs, "config": config}, os.path.join(out_dir, "ckpt.pt"))

@@ -140,8 +140,8 @@ def convert_images(items, cfg, tmp, progress, save_json):
 
 
 def main(argv):
-    from configurator import configure
     from common import save_json, update_meta, write_jsonl  # here: common imports torch, which pool workers don't need
+    from configurator import configure
     cfg = configure(globals(), argv)
     out, split, r = cfg["out"], cfg["split"], cfg["resolution"]
     if r < 0 or r % 8:

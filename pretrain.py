@@ -25,9 +25,25 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode,
-                    encode_prompts, images_to_tensor, load_checkpoint, load_split, peak_memory_gb,
-                    rng_state, save_grid, save_json, set_rng_state, start_run)
+from common import (
+    all_reduce_mean,
+    atomic_save,
+    autocast,
+    checked_compile,
+    ddim_sample,
+    decode,
+    encode_prompts,
+    gather,
+    images_to_tensor,
+    load_checkpoint,
+    load_split,
+    peak_memory_gb,
+    rng_state,
+    save_grid,
+    save_json,
+    set_rng_state,
+    start_run,
+)
 
 # ----------------------------------------------------------------------------- config
 out_dir = "out/pretrain"  # checkpoints, sample grids, config.json and the final model/ folder
@@ -269,11 +285,7 @@ def main(argv):
 
     def save_checkpoint():
         # every rank's generator and RNG state, gathered so that resume is exact for the same world size
-        states = [(data_gen.get_state(), rng_state())]
-        if d.ddp:
-            gathered = [None] * d.world_size
-            torch.distributed.all_gather_object(gathered, states[0])
-            states = gathered
+        states = gather((data_gen.get_state(), rng_state()), d)
         if d.master:
             atomic_save({"vae": vae.state_dict(), "denoiser": denoiser.state_dict(), "ema": ema.state_dict(),
                          "opt_vae": opt_vae.state_dict(), "opt": opt.state_dict(), "iter": it,

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_killed_after
 
 import d2o
-from conftest import run_killed_after
 from common import encode_prompts, load_sd, one_step_x0, write_split
 
 

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_killed_after
 
 import pretrain
-from conftest import run_killed_after
 from common import load_checkpoint, load_sd, write_split
 
 
