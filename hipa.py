@@ -31,28 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (
-    all_reduce_mean,
-    atomic_save,
-    autocast,
-    checked_compile,
-    ddim_sample,
-    decode,
-    encode_prompts,
-    gather,
-    latent_shape,
-    load_checkpoint,
-    load_sd,
-    load_split,
-    one_step_x0,
-    peak_memory_gb,
-    rng_state,
-    save_grid,
-    save_json,
-    seeded_noise,
-    set_rng_state,
-    start_run,
-)
+from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
+                    gather, latent_shape, load_checkpoint, load_sd, load_split, one_step_x0, peak_memory_gb, rng_state,
+                    save_grid, save_json, seeded_noise, set_rng_state, start_run)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen

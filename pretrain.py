@@ -25,25 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (
-    all_reduce_mean,
-    atomic_save,
-    autocast,
-    checked_compile,
-    ddim_sample,
-    decode,
-    encode_prompts,
-    gather,
-    images_to_tensor,
-    load_checkpoint,
-    load_split,
-    peak_memory_gb,
-    rng_state,
-    save_grid,
-    save_json,
-    set_rng_state,
-    start_run,
-)
+from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
+                    gather, images_to_tensor, load_checkpoint, load_split, peak_memory_gb, rng_state, save_grid,
+                    save_json, set_rng_state, start_run)
 
 # ----------------------------------------------------------------------------- config
 out_dir = "out/pretrain"  # checkpoints, sample grids, config.json and the final model/ folder

@@ -20,20 +20,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import (
-    autocast,
-    ddim_sample,
-    decode,
-    encode_prompts,
-    images_to_tensor,
-    latent_shape,
-    load_sd,
-    save_grid,
-    save_json,
-    seeded_noise,
-    setup_ddp,
-    write_jsonl,
-)
+from common import (autocast, ddim_sample, decode, encode_prompts, images_to_tensor, latent_shape, load_sd, save_grid,
+                    save_json, seeded_noise, setup_ddp, write_jsonl)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model: hub id or folder
