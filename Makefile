@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 # don't pull a multi-GB CUDA build. With a GPU, install the torch you want before `make install`.
 TORCH   := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: install install-test test demo data teacher clean
+.PHONY: install install-test test demo demo-d2o data teacher clean
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -40,11 +40,12 @@ data: data/fmnist/meta.json
 teacher: data
 	$(PY) pretrain.py config/fmnist_pretrain.py
 
-# The embedded default end to end: HiPA on the tiny teacher, then 500 images each from the teacher (15 steps),
-# the base model (1 step) and HiPA (1 step) from the same noise, evaluated against the Fashion-MNIST test set
-# and against the teacher's own images.
+# The embedded default end to end: HiPA on the tiny teacher (about 10 minutes), then 500 images each from the
+# teacher (15 steps), the base model (1 step), HiPA (1 step) and, once `make demo-d2o` has trained it, D2O
+# (1 step), all from the same noise, evaluated against the Fashion-MNIST test set and the teacher's images.
 DEMO := out/demo
 LORA := out/hipa-fmnist/pytorch_lora_weights.safetensors
+D2O_UNET := out/d2o-fmnist/unet
 SAMPLE := $(PY) sample.py config/fmnist_sample.py --skip_existing=False --grid=False
 demo: data
 	$(PY) hipa.py config/fmnist_hipa.py
@@ -52,12 +53,17 @@ demo: data
 	$(SAMPLE) --steps=1 --out_dir=$(DEMO)/base-1step
 	$(SAMPLE) --steps=1 --lora=$(LORA) --out_dir=$(DEMO)/hipa-1step
 	$(SAMPLE) --lora=$(LORA) --compare=True --out_dir=$(DEMO)
-	$(PY) eval_fid.py --gen=$(DEMO)/teacher-15step,$(DEMO)/base-1step,$(DEMO)/hipa-1step \
+	@if [ -d $(D2O_UNET) ]; then $(SAMPLE) --steps=1 --guidance=1 --unet=$(D2O_UNET) --out_dir=$(DEMO)/d2o-1step; \
+		else rm -rf $(DEMO)/d2o-1step; echo "D2O: no $(D2O_UNET) yet; 'make demo-d2o' trains it (about 25 min)"; fi
+	$(PY) eval_fid.py --gen=$(DEMO)/teacher-15step,$(DEMO)/base-1step,$(DEMO)/hipa-1step$(shell [ -d $(D2O_UNET) ] && echo ,$(DEMO)/d2o-1step) \
 		--paired=$(DEMO)/teacher-15step --out=$(DEMO)/metrics.json
-	@echo "D2O: not yet (d2o.py is being written)"
 	@echo "pictures: $(DEMO)/compare.png (rows: teacher 15-step | base 1-step | HiPA 1-step),"
 	@echo "          $(DEMO)/metrics_spectrum.png, out/hipa-fmnist/val_*.png"
-	@echo "numbers:  $(DEMO)/metrics.json (table above), out/hipa-fmnist/log.jsonl"
+	@echo "numbers:  $(DEMO)/metrics.json (the table above), out/hipa-fmnist/log.jsonl"
+
+# D2O on the tiny teacher (about 25 minutes on 2 CPU cores); `make demo` then adds it to its table.
+demo-d2o: data
+	$(PY) d2o.py config/fmnist_d2o.py
 
 clean:
 	rm -rf out
