@@ -248,7 +248,9 @@ def all_reduce_mean(values, d):
 
 def autocast(device):
     """bf16 autocast on CUDA, nothing on CPU (fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
 def peak_memory_gb(device):

@@ -259,8 +259,9 @@ def load_dists(vgg_spec, dists_spec, cache, verbose=True):
                 m.bias.data.zero_()
         if verbose:
             print("=" * 100 + f"\nWARNING: DISTS weights unreachable ({vgg_spec if not vgg else dists_spec}).\n"
-                  f"Using the offline stand-in: VGG16 at width {STANDIN_WIDTH}, seeded random weights, uniform alpha/beta.\n"
-                  "Fine for the embedded default; for paper runs give vgg_weights= and dists_weights= (paths).\n" + "=" * 100)
+                  f"Using the offline stand-in: VGG16 at width {STANDIN_WIDTH}, seeded random weights, uniform "
+                  "alpha/beta.\nFine for the embedded default; for paper runs give vgg_weights= and dists_weights= "
+                  "(paths).\n" + "=" * 100)
     return net.requires_grad_(False).eval()
 
 
@@ -300,8 +301,10 @@ def adaptation_loss(x1, xT, dists, kind):
     the low- or high-pass Fourier reconstruction)."""
     x1, xT = x1.float(), xT.float()
     if kind == "hipa":
+        def hp(x):
+            return as_image(fourier_pass(x, hp_radius))
         return {"spatial": w_spatial * dists(x1, xT).mean(),
-                "fft": w_fft * dists(as_image(fourier_pass(x1, hp_radius)), as_image(fourier_pass(xT, hp_radius))).mean(),
+                "fft": w_fft * dists(hp(x1), hp(xT)).mean(),
                 "sobel": w_sobel * dists(as_image(sobel(x1)), as_image(sobel(xT))).mean()}
     terms = {"l2": F.mse_loss(x1, xT)}
     if kind in ("l2+low", "l2+high"):
@@ -356,7 +359,8 @@ def build_teacher_cache(unet, loras, scheduler, text, prompts, shape, d, dtype, 
         mine = list(range(d.rank, len(prompts), d.world_size))
         for i in tqdm(range(0, len(mine), batch), desc="teacher targets", disable=not d.master):
             idx = mine[i: i + batch]
-            arr[idx] = teacher_latents(unet, loras, scheduler, text, prompts, idx, shape, d.device, dtype).cpu().half().numpy()
+            latents = teacher_latents(unet, loras, scheduler, text, prompts, idx, shape, d.device, dtype)
+            arr[idx] = latents.cpu().half().numpy()
         arr.flush()
         del arr
         if d.ddp:
@@ -518,7 +522,8 @@ def main(argv):
             names = sorted(terms_sum)
             vals = all_reduce_mean([terms_sum[k] for k in names], d)
             stats = {"iter": it, "epoch": epoch, "loss": sum(vals), **dict(zip(names, vals)),
-                     "img_per_s": seen / (time.time() - t0), "peak_mem_gb": peak_memory_gb(d.device), "skipped": skipped}
+                     "img_per_s": seen / (time.time() - t0), "peak_mem_gb": peak_memory_gb(d.device),
+                     "skipped": skipped}
             pbar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in stats.items() if k not in ("iter", "epoch")))
             if d.master:
                 with open(log_path, "a") as f:

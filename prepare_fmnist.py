@@ -29,7 +29,8 @@ url = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # official 
 
 CLASSES = ["t-shirt", "pair of trousers", "pullover", "dress", "coat",
            "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-TEMPLATES = ["a photo of {}", "{}", "a picture of {}", "an image of {}", "a product photo of {}", "a black and white photo of {}"]
+TEMPLATES = ["a photo of {}", "{}", "a picture of {}", "an image of {}", "a product photo of {}",
+             "a black and white photo of {}"]
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 

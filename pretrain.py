@@ -256,8 +256,9 @@ def main(argv):
         vae_train = checked_compile(vae_train, lambda m: F.l1_loss(m(x)[0], x), backend=compile_backend)
         ids = tokenizer(["a"] * 4, padding="max_length", max_length=max_length, return_tensors="pt").input_ids
         noisy = torch.randn(4, latent_channels, unet.config.sample_size, unet.config.sample_size)
-        denoiser_fwd = checked_compile(denoiser, lambda m: m(noisy.to(d.device), torch.tensor([500] * 4, device=d.device),
-                                                               ids.to(d.device)).square().mean(), backend=compile_backend)
+        t = torch.tensor([500] * 4, device=d.device)
+        denoiser_fwd = checked_compile(denoiser, lambda m: m(noisy.to(d.device), t, ids.to(d.device)).square().mean(),
+                                       backend=compile_backend)
     else:
         denoiser_fwd = denoiser
     if d.ddp:
@@ -306,8 +307,8 @@ def main(argv):
                     recon, kl = model(x)
                     loss = F.l1_loss(recon.float(), x) + kl_weight * kl
                 else:
-                    caps = [rows[i]["captions"][torch.randint(len(rows[i]["captions"]), (1,), generator=data_gen).item()]
-                            for i in idx.tolist()]
+                    caps = [rows[i]["captions"][torch.randint(len(rows[i]["captions"]), (1,),
+                                                              generator=data_gen).item()] for i in idx.tolist()]
                     drop = torch.rand(B, generator=data_gen) < uncond_prob
                     caps = ["" if dr else c for c, dr in zip(caps, drop.tolist())]
                     ids = tokenizer(caps, padding="max_length", max_length=max_length, truncation=True,
@@ -347,7 +348,8 @@ def main(argv):
                 tqdm.write(msg)
             t0, seen = time.time(), 0
         if d.master and not vae_phase and (it % sample_interval == 0 or it == total):
-            sample_grid(ema, vae, tokenizer, scheduler, prompts, 8, os.path.join(out_dir, f"samples_{it:06d}.png"), d.device)
+            sample_grid(ema, vae, tokenizer, scheduler, prompts, 8, os.path.join(out_dir, f"samples_{it:06d}.png"),
+                        d.device)
         if it % ckpt_interval == 0 or it == total:
             save_checkpoint()
     pbar.close()

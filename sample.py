@@ -160,8 +160,10 @@ def main(argv):
                       "steps": steps, "guidance": guidance} for i in range(total)],
                     os.path.join(out_dir, "metadata.jsonl"))
         if grid:
-            first = np.stack([np.array(Image.open(os.path.join(out_dir, f"{i:06d}.png"))) for i in range(min(total, 64))])
-            save_grid(images_to_tensor(first) / 2 + 0.5, os.path.join(out_dir, "grid.png"), nrow=max(1, min(num_per_prompt, 8)))
+            first = np.stack([np.array(Image.open(os.path.join(out_dir, f"{i:06d}.png")))
+                              for i in range(min(total, 64))])
+            save_grid(images_to_tensor(first) / 2 + 0.5, os.path.join(out_dir, "grid.png"),
+                      nrow=max(1, min(num_per_prompt, 8)))
         print(f"wrote {total} images and metadata.jsonl to {out_dir}")
     if d.ddp:
         torch.distributed.destroy_process_group()

@@ -13,13 +13,14 @@ def make_tiny_sd(folder, prediction_type="epsilon", seed=0):
 
     import pretrain
     torch.manual_seed(seed)
-    saved = pretrain.vae_channels, pretrain.unet_channels, pretrain.layers_per_block, pretrain.text_width
-    pretrain.vae_channels, pretrain.unet_channels, pretrain.layers_per_block, pretrain.text_width = (16, 16), (32, 32), 1, 32
+    sizes = {"vae_channels": (16, 16), "unet_channels": (32, 32), "layers_per_block": 1, "text_width": 32}
+    saved = {k: getattr(pretrain, k) for k in sizes}
+    vars(pretrain).update(sizes)
     try:
         tokenizer = pretrain.build_tokenizer(["a photo of a sneaker", "a bag", "an ankle boot"], 16)
         vae, unet, text_encoder = pretrain.build_models(tokenizer, 16)
     finally:
-        pretrain.vae_channels, pretrain.unet_channels, pretrain.layers_per_block, pretrain.text_width = saved
+        vars(pretrain).update(saved)
     scheduler = pretrain.make_scheduler()
     scheduler.register_to_config(prediction_type=prediction_type)
     with torch.no_grad():  # random weights give outputs of a realistic size, not ~0

@@ -28,7 +28,8 @@ def test_overrides_and_config_file_apply_in_order(script, tmp_path):
     cfg_file = tmp_path / "cfg.py"
     cfg_file.write_text("batch_size = 8\nlr = 3e-4\nimport math\n")
     cfg = configure(script, [str(cfg_file), "--batch_size=16", "--compile=True"], print_config=False)
-    assert cfg == {"out_dir": "out/x", "batch_size": 16, "lr": 3e-4, "compile": True, "betas": (0.9, 0.99), "lora": None}
+    assert cfg == {"out_dir": "out/x", "batch_size": 16, "lr": 3e-4, "compile": True, "betas": (0.9, 0.99),
+                   "lora": None}
     assert script["batch_size"] == 16 and script["lr"] == 3e-4
 
 

@@ -48,7 +48,8 @@ def test_resume_continues_bit_exactly(tiny_data, tmp_path, monkeypatch, kill_aft
 
     assert resumed["iter"] == straight["iter"] == 4
     assert resumed["scaling_factor"] == straight["scaling_factor"] != 1.0
-    vae_config = [json.loads((tmp_path / run / "model" / "vae" / "config.json").read_text()) for run in ("straight", "killed")]
+    vae_config = [json.loads((tmp_path / run / "model" / "vae" / "config.json").read_text())
+                  for run in ("straight", "killed")]
     assert vae_config[0]["scaling_factor"] == vae_config[1]["scaling_factor"]  # the exported model too
     for part in ("vae", "denoiser", "ema"):
         for k, v in straight[part].items():
@@ -78,3 +79,15 @@ def test_bad_input(tiny_data, tmp_path):
         pretrain.main(args(tiny_data, tmp_path / "x", "--init_from=latest"))
     with pytest.raises(SystemExit, match="no checkpoint"):
         pretrain.main(args(tiny_data, tmp_path / "y", "--init_from=resume"))
+
+
+def test_the_shipped_teacher_is_a_small_safetensors_sd_folder():
+    import os
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-sd-fmnist")
+    files = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs]
+    assert sum(os.path.getsize(f) for f in files) <= 20 * 2**20
+    assert {os.path.splitext(f)[1] for f in files} == {".json", ".txt", ".safetensors"}  # nothing to unpickle
+    tokenizer, text_encoder, vae, unet, scheduler = load_sd(folder)
+    assert unet.config.sample_size * 4 == 32 and scheduler.config.timestep_spacing == "trailing"
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("a photo of an ankle boot").input_ids)
+    assert tokens[5:7] == ["ankle</w>", "boot</w>"]
