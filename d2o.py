@@ -525,6 +525,8 @@ def main(argv):
         os.makedirs(out_dir, exist_ok=True)
         save_json(config, os.path.join(out_dir, "config.json"))
     log_path = os.path.join(out_dir, "log.jsonl")
+    if d.master and init_from == "scratch" and os.path.exists(log_path):
+        os.remove(log_path)  # a new run's log; a resumed run appends to its own
 
     def save_checkpoint():
         rngs = gather(rng_state(), d)

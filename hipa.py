@@ -462,6 +462,8 @@ def main(argv):
             print(f"teacher targets: {n} examples in {cache_dir}/teacher_{key}.npy ({time.time() - t0:.1f} s)")
 
     log_path = os.path.join(out_dir, "log.jsonl")
+    if d.master and init_from == "scratch" and os.path.exists(log_path):
+        os.remove(log_path)  # a new run's log; a resumed run appends to its own
 
     def save_checkpoint():
         rngs = gather(rng_state(), d)
@@ -492,7 +494,7 @@ def main(argv):
                 student.require_backward_grad_sync = m == grad_accum - 1
             with autocast(d.device):
                 x0 = one_step_x0(student, scheduler, seeded_noise(idx, shape, seed).to(d.device), cond, uncond,
-                                      guidance)
+                                 guidance)
             student_images = decode(vae, x0.float())  # VAE and losses in fp32
             terms = adaptation_loss(student_images, teacher_images, dists, loss)
             total_loss = sum(terms.values()) / grad_accum
