@@ -263,6 +263,14 @@ def peak_memory_gb(device):
 # ----------------------------------------------------------------------------- checkpoints, RNG
 
 
+def start_log(out_dir, init_from, d):
+    """Path of the run's JSON-lines log (out_dir/log.jsonl): a scratch run starts it anew, a resumed one appends."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if d.master and init_from == "scratch" and os.path.exists(path):
+        os.remove(path)
+    return path
+
+
 def atomic_save(obj, path):
     """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
     torch.save(obj, path + ".tmp")

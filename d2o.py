@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
                     gather, images_to_tensor, load_checkpoint, load_sd, load_split, one_step_x0, peak_memory_gb,
-                    rng_state, save_grid, save_json, seeded_noise, set_rng_state, start_run)
+                    rng_state, save_grid, save_json, seeded_noise, set_rng_state, start_log, start_run)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model (hub id or folder): the generator's initialisation
@@ -524,9 +524,7 @@ def main(argv):
     if d.master:
         os.makedirs(out_dir, exist_ok=True)
         save_json(config, os.path.join(out_dir, "config.json"))
-    log_path = os.path.join(out_dir, "log.jsonl")
-    if d.master and init_from == "scratch" and os.path.exists(log_path):
-        os.remove(log_path)  # a new run's log; a resumed run appends to its own
+    log_path = start_log(out_dir, init_from, d)
 
     def save_checkpoint():
         rngs = gather(rng_state(), d)
