@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import decode, encode_prompts, latent_shape, load_sd, setup_ddp
+from common import decode, encode_prompts, latent_shape, load_sd, setup_ddp, torch_dtype
 from sample import generate
 
 # ----------------------------------------------------------------------------- config
@@ -47,8 +47,7 @@ def main(argv):
     configure(globals(), argv)
     from diffusers import StableDiffusionPipeline
     d = setup_ddp(device)
-    dt = {"auto": torch.float16 if d.device.type == "cuda" else torch.float32, "float32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    dt = torch_dtype(dtype, d.device)
     tokenizer, text_encoder, vae, unet, scheduler = load_sd(model, d.device, dt)
     if dt != torch.float32:
         vae.to(torch.float32)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import urllib.request
 from collections import namedtuple
 
 import numpy as np
@@ -246,6 +247,16 @@ def all_reduce_mean(values, d):
     return t.tolist()
 
 
+def torch_dtype(name, device):
+    """'auto' (fp16 on CUDA, fp32 on CPU), 'float32', 'bfloat16' or 'float16' -> the torch dtype."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in dtypes:
+        raise SystemExit(f"config error: dtype must be 'auto' or one of {sorted(dtypes)}, not '{name}'")
+    return dtypes[name]
+
+
 def autocast(device):
     """bf16 autocast on CUDA, nothing on CPU (fp32)."""
     if device.type == "cuda":
@@ -268,6 +279,23 @@ def start_log(out_dir, init_from, d):
     path = os.path.join(out_dir, "log.jsonl")
     if d.master and init_from == "scratch" and os.path.exists(path):
         os.remove(path)
+    return path
+
+
+def fetch(spec, cache):
+    """Local path of a file given as a path or an http(s) URL; a URL is downloaded once into `cache` (through a
+    temp file, so an interrupted download is never taken for the file). None for a path that does not exist;
+    OSError when a download fails (the caller says what to do instead)."""
+    if os.path.exists(spec):
+        return spec
+    if not spec.startswith(("http://", "https://")):
+        return None
+    path = os.path.join(cache, os.path.basename(spec))
+    if not os.path.exists(path):
+        print(f"downloading {spec} -> {path}")
+        os.makedirs(cache, exist_ok=True)
+        urllib.request.urlretrieve(spec, path + ".tmp")
+        os.replace(path + ".tmp", path)
     return path
 
 

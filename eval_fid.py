@@ -19,7 +19,6 @@ import os
 import re
 import sys
 import time
-import urllib.request
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -34,7 +33,7 @@ from PIL import Image
 from scipy.special import rel_entr
 from tqdm import tqdm
 
-from common import images_to_tensor, load_split, save_json, setup_ddp
+from common import fetch, images_to_tensor, load_split, save_json, setup_ddp
 from prepare_fmnist import CLASSES
 
 # -----------------------------------------------------------------------------
@@ -123,15 +122,12 @@ def load_inception(spec, cache_dir, d):
     path = spec
     if spec.startswith(("http://", "https://")):
         path = os.path.join(cache_dir, os.path.basename(spec))
-        if d.master and not os.path.exists(path):
-            print(f"downloading {spec} -> {path}")
-            os.makedirs(cache_dir, exist_ok=True)
+        if d.master:  # the other ranks wait at the barrier, then read the same file
             try:
-                urllib.request.urlretrieve(spec, path + ".tmp")
+                fetch(spec, cache_dir)
             except OSError as e:
                 raise SystemExit(f"eval error: cannot download {spec} ({e}); put the file at {path} "
                                  "or pass --inception=<path>")
-            os.replace(path + ".tmp", path)
         if d.ddp:
             dist.barrier()
     if not os.path.isfile(path):

@@ -23,7 +23,6 @@ import math
 import os
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import torch
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
-                    gather, latent_shape, load_checkpoint, load_sd, load_split, one_step_x0, peak_memory_gb, rng_state,
-                    save_grid, save_json, seeded_noise, set_rng_state, start_log, start_run)
+                    fetch, gather, latent_shape, load_checkpoint, load_sd, load_split, one_step_x0, peak_memory_gb,
+                    rng_state, save_grid, save_json, seeded_noise, set_rng_state, start_log, start_run)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
@@ -221,21 +220,12 @@ class DISTS(nn.Module):
         return 1 - dist
 
 
-def fetch(spec, cache):
-    """Local path of a weights file given as a path or URL (downloaded once into `cache`), or None."""
-    if os.path.exists(spec):
-        return spec
-    if not spec.startswith(("http://", "https://")):
+def reachable(spec, cache):
+    """common.fetch, with a failed download (offline) meaning 'unreachable': None."""
+    try:
+        return fetch(spec, cache)
+    except OSError:
         return None
-    path = os.path.join(cache, os.path.basename(spec))
-    if not os.path.exists(path):
-        try:
-            os.makedirs(cache, exist_ok=True)
-            urllib.request.urlretrieve(spec, path + ".tmp")
-            os.replace(path + ".tmp", path)
-        except OSError:
-            return None
-    return path
 
 
 def load_dists(vgg_spec, dists_spec, cache, verbose=True):
@@ -243,7 +233,7 @@ def load_dists(vgg_spec, dists_spec, cache, verbose=True):
     If either is unreachable (offline), a deterministic stand-in, announced loudly: VGG16 at STANDIN_WIDTH with
     seeded random weights and uniform alpha = beta. Random deep features still measure texture and structure
     (e.g. Ulyanov et al. 2018), but numbers from it are not comparable with the paper's."""
-    vgg, ab = fetch(vgg_spec, cache), fetch(dists_spec, cache)
+    vgg, ab = reachable(vgg_spec, cache), reachable(dists_spec, cache)
     net = DISTS(1.0 if vgg and ab else STANDIN_WIDTH)
     if vgg and ab:
         state = torch.load(vgg, map_location="cpu", weights_only=True)

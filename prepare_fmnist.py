@@ -15,11 +15,10 @@ or of `src=`; downloads the official files only when neither has them.
 import gzip
 import os
 import sys
-import urllib.request
 
 import numpy as np
 
-from common import write_split
+from common import fetch, write_split
 
 # -----------------------------------------------------------------------------
 out = "data/fmnist"  # output folder
@@ -57,22 +56,16 @@ def read_idx(path):
     return arr.reshape(shape)
 
 
-def fetch(name, src, cache):
+def find(name, src, cache):
     """Path of one gz file: from src if there, else downloaded (once) into cache."""
     local = os.path.join(src, name)
     if os.path.exists(local):
         return local
-    os.makedirs(cache, exist_ok=True)
-    path = os.path.join(cache, name)
-    if not os.path.exists(path):
-        print(f"{local} not found; downloading {url + name}")
-        try:
-            urllib.request.urlretrieve(url + name, path + ".tmp")
-        except OSError as e:
-            raise SystemExit(f"prepare_fmnist: {name} is neither in {src} nor downloadable ({e}); "
-                             "on Debian: apt-get install dataset-fashion-mnist")
-        os.replace(path + ".tmp", path)
-    return path
+    try:
+        return fetch(url + name, cache)
+    except OSError as e:
+        raise SystemExit(f"prepare_fmnist: {name} is neither in {src} nor downloadable ({e}); "
+                         "on Debian: apt-get install dataset-fashion-mnist")
 
 
 def to_rgb32(images):
@@ -85,8 +78,8 @@ def main(argv):
     from configurator import configure
     cfg = configure(globals(), argv)
     for split, (img_name, lab_name) in FILES.items():
-        images = read_idx(fetch(img_name, cfg["src"], os.path.join(cfg["out"], "raw")))
-        labels = read_idx(fetch(lab_name, cfg["src"], os.path.join(cfg["out"], "raw")))
+        images = read_idx(find(img_name, cfg["src"], os.path.join(cfg["out"], "raw")))
+        labels = read_idx(find(lab_name, cfg["src"], os.path.join(cfg["out"], "raw")))
         if len(images) != len(labels):
             raise SystemExit(f"prepare_fmnist: {len(images)} images but {len(labels)} labels in {split}")
         rows = [{"id": i, "label": int(k), "captions": captions_for(int(k))} for i, k in enumerate(labels)]

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import (autocast, ddim_sample, decode, encode_prompts, images_to_tensor, latent_shape, load_sd, save_grid,
-                    save_json, seeded_noise, setup_ddp, write_jsonl)
+                    save_json, seeded_noise, setup_ddp, torch_dtype, write_jsonl)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model: hub id or folder
@@ -96,8 +96,7 @@ def main(argv):
     from configurator import configure
     configure(globals(), argv)
     d = setup_ddp(device)
-    dt = {"auto": torch.float16 if d.device.type == "cuda" else torch.float32, "float32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    dt = torch_dtype(dtype, d.device)
     all_prompts = read_prompts(prompts)
     tokenizer, text_encoder, vae, base_unet, scheduler = load_sd(model, d.device, dt)
     if dt != torch.float32:
