@@ -4,16 +4,20 @@ the prepared-data format, loading an SD-format model, prompt encoding, the x0 fo
 DDIM sampling, DDP set-up, atomic checkpoint I/O, the torch.compile gradient check, image grids.
 The methods themselves live in their own files (hipa.py, d2o.py, pretrain.py).
 """
+import contextlib
 import json
 import math
 import os
 import random
 import urllib.request
+import weakref
 from collections import namedtuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
 
 DATA_VERSION = 1
 
@@ -112,7 +116,27 @@ def load_sd(path, device="cpu", dtype=torch.float32):
         raise SystemExit(f"model error: cannot load '{path}': {str(e).splitlines()[0]}")
     for m in (text_encoder, vae, unet):
         m.requires_grad_(False).eval().to(device)
-    return tokenizer, text_encoder, vae, unet, scheduler
+    return tokenizer, text_encoder, vae, fp32_output(unet), scheduler
+
+
+class FP32Conv2d(torch.nn.Conv2d):
+    """A Conv2d that computes in fp32 whatever the autocast or the weights' dtype (see fp32_output)."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return self._conv_forward(x.float(), self.weight.float(), bias)
+
+
+def fp32_output(unet):
+    """Keep the UNet's last layer (conv_out) and its output in fp32, so that the output is never rounded to
+    bf16/fp16: the epsilon x0 formula at t=999 divides it by sqrt(alphas_cumprod[999]) = 0.068 (SD), which
+    multiplies a bf16 rounding error of 2^-9 by 14.6. The class swap keeps the state-dict keys and survives
+    deepcopy; call it again after casting the UNet to another dtype."""
+    unet.conv_out.__class__ = FP32Conv2d
+    for p in unet.conv_out.parameters():
+        p.data = p.data.float()  # (not .float(): Module._apply cannot swap the fake tensors of estimate_memory)
+    return unet
 
 
 @torch.no_grad()
@@ -140,12 +164,12 @@ def predict_x0_eps(model_out, x_t, alpha_bar, prediction_type):
 
 
 def guided_unet(unet, x, t, cond, uncond, guidance):
-    """UNet output with classifier-free guidance: uncond + w (cond - uncond), both in one batched call.
+    """UNet output (fp32) with classifier-free guidance: uncond + w (cond - uncond), both in one batched call.
     guidance <= 1 (or uncond None) is a plain conditional call."""
     if uncond is None or guidance == 1:
-        return unet(x, t, encoder_hidden_states=cond).sample
-    out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-    out_uncond, out_cond = out.chunk(2)
+        return unet(x, t, encoder_hidden_states=cond).sample.float()
+    out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
+    out_uncond, out_cond = out.chunk(2)  # combined in fp32: under bf16 autocast the difference would be rounded
     return out_uncond + guidance * (out_cond - out_uncond)
 
 
@@ -216,12 +240,29 @@ def setup_ddp(device="auto"):
     return Dist(True, rank, local_rank, world, dev, rank == 0)
 
 
-def start_run(device, init_from, batch_size, grad_accum, seed):
-    """The first lines of every trainer: DDP set-up, the checks that need the world size, per-rank seeds.
-    Returns (Dist, micro-batch per rank): the global batch stays batch_size for any number of ranks."""
-    d = setup_ddp(device)
+def check_config(config, positive=(), non_negative=()):
+    """Sizes and rates a user can get wrong, checked before anything is loaded or written: one clear line."""
+    for k in positive:
+        if not config[k] > 0:
+            raise SystemExit(f"config error: {k} must be > 0, got {config[k]!r}")
+    for k in non_negative:
+        if not config[k] >= 0:
+            raise SystemExit(f"config error: {k} must be >= 0, got {config[k]!r}")
+
+
+def start_run(device, init_from, batch_size, grad_accum, seed, out_dir, overwrite):
+    """The first lines of every trainer: DDP set-up, the checks that need the world size, that a scratch run
+    never destroys an earlier one in out_dir, per-rank seeds. Returns (Dist, micro-batch per rank): the global
+    batch stays batch_size for any number of ranks."""
     if init_from not in ("scratch", "resume"):
         raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', not '{init_from}'")
+    previous = [f for f in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(out_dir, f))]
+    if init_from == "scratch" and previous and not overwrite:
+        raise SystemExit(f"config error: {out_dir} holds an earlier run ({', '.join(previous)}); continue it with "
+                         "--init_from=resume, pick another out_dir, or replace it with --overwrite=True")
+    if init_from == "resume" and not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        raise SystemExit(f"resume error: no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}")
+    d = setup_ddp(device)
     if batch_size % (grad_accum * d.world_size):
         raise SystemExit(f"config error: batch_size {batch_size} must divide by grad_accum * world size "
                          f"({grad_accum} * {d.world_size})")
@@ -258,10 +299,10 @@ def torch_dtype(name, device):
 
 
 def autocast(device):
-    """bf16 autocast on CUDA, nothing on CPU (fp32)."""
+    """bf16 autocast on CUDA, nothing on CPU (fp32); CPU's bf16 autocast stands in for CUDA's in estimate_memory."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=_emulating_cuda)
 
 
 def peak_memory_gb(device):
@@ -275,10 +316,13 @@ def peak_memory_gb(device):
 
 
 def start_log(out_dir, init_from, d):
-    """Path of the run's JSON-lines log (out_dir/log.jsonl): a scratch run starts it anew, a resumed one appends."""
+    """Path of the run's JSON-lines log (out_dir/log.jsonl): a scratch run starts it anew (and drops an earlier
+    run's ckpt.pt, which start_run only lets through with overwrite=True), a resumed one appends."""
     path = os.path.join(out_dir, "log.jsonl")
-    if d.master and init_from == "scratch" and os.path.exists(path):
-        os.remove(path)
+    if d.master and init_from == "scratch":
+        for old in (path, os.path.join(out_dir, "ckpt.pt")):
+            if os.path.exists(old):
+                os.remove(old)
     return path
 
 
@@ -325,24 +369,76 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def resume_rng(states, d, seed, it):
+    """Every rank's RNG state from a checkpoint (one per rank): exact for the world size that wrote it. With
+    another world size, fresh per-rank seeds from (seed, iteration, rank) instead: never one rank's state on
+    every rank, which would make all ranks draw the same noise. Returns whether the resume is exact."""
+    if len(states) == d.world_size:
+        set_rng_state(states[d.rank])
+        return True
+    new_seed = (seed * 1_000_003 + it) * d.world_size + d.rank
+    torch.manual_seed(new_seed)
+    random.seed(new_seed)
+    if d.master:
+        print(f"resume: checkpoint from {len(states)} ranks, now {d.world_size}: RNG reseeded per rank "
+              "(the run continues, but not bit-exactly)")
+    return False
+
+
+# ----------------------------------------------------------------------------- divergence, logs
+
+
+def all_finite(values, tensors, d):
+    """True on every rank iff every float in `values` and every tensor in `tensors` is finite on every rank
+    (one MIN all-reduce of a flag on this rank's device: NCCL takes no CPU tensors)."""
+    ok = all(math.isfinite(v) for v in values) and all(bool(torch.isfinite(t).all()) for t in tensors)
+    flag = torch.tensor(float(ok), device=d.device)
+    if d.ddp:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.item() == 1
+
+
+def stop_if_diverged(streak, limit, it):
+    """A run that stays non-finite stops with a non-zero exit instead of exporting garbage."""
+    if streak >= limit:
+        raise SystemExit(f"training error: {streak} consecutive steps with a non-finite loss or gradient, the last "
+                         f"at iteration {it}: the run diverged (lower the lr?). Nothing was exported; ckpt.pt holds "
+                         "the last finite state")
+
+
+def require_finite(tensors, what):
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise SystemExit(f"training error: {what} has non-finite weights; not saved (the run diverged: lower the lr?)")
+
+
+def append_log(path, record):
+    """One JSON line; a non-finite float is written as null (bare NaN is not JSON)."""
+    record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 # ----------------------------------------------------------------------------- torch.compile guard
 
 
 def checked_compile(module, loss_fn, backend="inductor", rtol=1e-3):
-    """torch.compile(module), but only after checking that one backward pass through the compiled
-    module gives the same gradients as eager. (torch 2.13 + Inductor on CPU returns exact zeros for the
-    gradients of a diffusers UNet's mid block and everything before it, while the forward is right.)
-    loss_fn(m) must be deterministic. Raises SystemExit naming the worst parameter if they differ."""
-    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    compiled = torch.compile(module, backend=backend)
+    """torch.compile(module), but only after checking that one backward pass through a compiled copy gives
+    the same gradients as eager. (torch 2.13 + Inductor on CPU returns exact zeros for the gradients of a
+    diffusers UNet's mid block and everything before it, while the forward is right.) The check runs on an
+    fp32 copy with autocast off: bf16 and fp32 eager gradients of the tiny UNet already differ by ~2e-2, so a
+    bf16 comparison could not tell a compiler bug from rounding, while in fp32 they agree to ~1e-6. So
+    loss_fn(m) must be deterministic and feed fp32 inputs. SystemExit naming the worst parameter if they differ."""
+    import copy
+    reference = copy.deepcopy(module).float()
+    params = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
     grads = []
-    for m in (module, compiled):
-        for _, p in params:
-            p.grad = None
-        loss_fn(m).backward()
-        grads.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for _, p in params])
-    for _, p in params:
-        p.grad = None
+    with torch.autocast(params[0][1].device.type, enabled=False):
+        for m in (reference, torch.compile(reference, backend=backend)):
+            for _, p in params:
+                p.grad = None
+            loss_fn(m).backward()
+            grads.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for _, p in params])
+    del reference
     worst, worst_name = 0.0, ""
     for (name, _), ge, gc in zip(params, *grads):
         err = ((ge - gc).norm() / (ge.norm() + 1e-12)).item() if ge.norm() > 0 else gc.norm().item()
@@ -352,7 +448,88 @@ def checked_compile(module, loss_fn, backend="inductor", rtol=1e-3):
         raise SystemExit(f"compile error: torch.compile(backend='{backend}') gives wrong gradients on this device "
                          f"(relative error {worst:.3g} at {worst_name}); run with --compile=False "
                          f"or --compile_backend=aot_eager")
-    return compiled
+    return torch.compile(module, backend=backend)
+
+
+# ----------------------------------------------------------------------------- memory estimate without a GPU
+# A training step runs on fake tensors (shapes and dtypes, no data: FakeTensorMode), with CPU's bf16 autocast in
+# place of CUDA's, while a dispatch mode adds up the bytes of every live tensor storage. The peak is an
+# ESTIMATE of torch.cuda.max_memory_allocated: it leaves out the CUDA context (~0.5 GB), the caching allocator's
+# slack and cuDNN/cuBLAS workspaces, and CPU's attention and autocast kernels stand in for CUDA's.
+
+_emulating_cuda = False
+
+
+class PeakMemory(TorchDispatchMode):
+    """Live and peak bytes of the tensor storages made by the ops run under it (plus those given to add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.now, self.peak = weakref.WeakSet(), 0, 0
+
+    def add(self, tensors):
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.seen:
+                s = t.untyped_storage()
+                self.seen.add(s)
+                self.now += s.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(s, self._free, s.nbytes())
+
+    def _free(self, n):
+        self.now -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.add(tree_flatten(out)[0])
+        return out
+
+
+@contextlib.contextmanager
+def estimate_memory():
+    """with estimate_memory() as mem: build the models and run a step, then read mem.peak (bytes). Build modules
+    in their final dtype and device inside it (Module.to / .float() cannot swap fake parameters), and never
+    deepcopy one (it reads the data pointers fake tensors do not have)."""
+    global _emulating_cuda
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    _emulating_cuda = True
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), PeakMemory() as mem:
+            yield mem
+    finally:
+        _emulating_cuda = False
+
+
+def sd_from_configs(path, unet_dtype=torch.float32):
+    """(text_encoder, vae, unet, scheduler) of an SD-format model built from its config files alone (local folder
+    or the HF cache: no weights are read): random weights, for estimate_memory."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    try:
+        configs = [UNet2DConditionModel.load_config(path, subfolder="unet"),
+                   AutoencoderKL.load_config(path, subfolder="vae"),
+                   CLIPTextConfig.from_pretrained(path, subfolder="text_encoder")]
+        with _disable_current_modes():  # a real noise schedule: the step reads its values
+            scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", timestep_spacing="trailing",
+                                                      set_alpha_to_one=True)
+            scheduler.alphas_cumprod = scheduler.alphas_cumprod.numpy()  # (fake mode would fake a tensor's reads)
+    except OSError as e:
+        raise SystemExit(f"model error: cannot read the configs of '{path}': {str(e).splitlines()[0]}")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(unet_dtype)
+    try:
+        unet = UNet2DConditionModel.from_config(configs[0])
+    finally:
+        torch.set_default_dtype(default)
+    vae, text_encoder = AutoencoderKL.from_config(configs[1]), CLIPTextModel(configs[2])
+    for m in (text_encoder, vae, unet):
+        m.requires_grad_(False).eval()
+    return text_encoder, vae, fp32_output(unet), scheduler
+
+
+def memory_report(mem, what):
+    return (f"estimated peak GPU memory of {what}: {mem.peak / 2**30:.1f} GiB of live tensors "
+            f"(add ~1-2 GiB for the CUDA context and allocator slack; an estimate, not a measurement)")
 
 
 # ----------------------------------------------------------------------------- pictures

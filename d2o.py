@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
-                    gather, images_to_tensor, load_checkpoint, load_sd, load_split, one_step_x0, peak_memory_gb,
-                    rng_state, save_grid, save_json, seeded_noise, set_rng_state, start_log, start_run)
+from common import (Dist, all_finite, all_reduce_mean, append_log, atomic_save, autocast, check_config,
+                    checked_compile, ddim_sample, decode, encode_prompts, estimate_memory, fp32_output, gather,
+                    images_to_tensor, latent_shape, load_checkpoint, load_sd, load_split, memory_report, one_step_x0,
+                    peak_memory_gb, require_finite, resume_rng, rng_state, save_grid, save_json, sd_from_configs,
+                    seeded_noise, start_log, start_run, stop_if_diverged)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model (hub id or folder): the generator's initialisation
@@ -41,6 +43,7 @@ data_dir = "data/fmnist"  # prepared data with real images (the GAN's target dis
 split = "train"
 out_dir = "out/d2o-fmnist"
 init_from = "scratch"  # 'scratch' or 'resume' (out_dir/ckpt.pt)
+overwrite = False  # a scratch run into an out_dir that holds an earlier run: refused unless True
 resolution = 0  # generator image size; 0 = the model's native size (real images may have another size)
 # generator
 freeze = 1  # D2O-F level (FREEZE_LEVELS): 0 = full D2O, 1 = freeze convs + attention out/ff, 2 = + q/k/v, 3 = + skip
@@ -61,6 +64,7 @@ batch_size = 32  # global batch, over all ranks and micro-steps
 grad_accum = 1
 ema_kimg = 500.0  # EMA half-life in thousands of images (paper: 0.5 Mimg)
 ema_rampup = 0.05  # half-life at most ema_rampup * images seen (EDM's warm-up); 0 = off
+max_nonfinite = 10  # this many consecutive steps with a non-finite G or D loss stop the run (non-zero exit)
 # logging, evaluation, checkpoints
 log_interval = 10
 eval_interval = 200  # validation grid every this many iterations (and at the end)
@@ -74,6 +78,8 @@ compile = False  # torch.compile the generator (checked against eager gradients 
 compile_backend = "inductor"
 grad_checkpointing = False  # trade compute for memory in the generator UNet and VAE decoder (SD at 512)
 seed = 0
+dry_run = False  # print the estimated peak GPU memory of one training step per GPU and exit (no weights, no GPU)
+dry_run_gpus = 8  # for dry_run: the micro-batch per GPU is batch_size / (grad_accum * dry_run_gpus)
 # -----------------------------------------------------------------------------
 
 
@@ -145,6 +151,15 @@ def freeze_table(stats, level):
 # heads. The feature module is frozen and always in eval mode; only the heads train (BatchNorm in train mode).
 
 
+def resize(images, size):
+    """The one path by which real and fake images reach a feature network: bilinear, antialiased when shrinking.
+    Without antialiasing, 512-px fakes shrunk to 224 keep about 2x the power above half-Nyquist of 256-px reals
+    shrunk to 224: a real/fake cue that has nothing to do with content (tests/test_d2o.py checks the spectra)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
 class PretrainedFeatures(nn.Module):
     """A frozen ImageNet network from transformers. The official code uses timm's EfficientNet-lite0 and
     DeiT-B distilled; transformers has no lite0, so EfficientNet-B0 (google/efficientnet-b0: same four tap
@@ -153,16 +168,16 @@ class PretrainedFeatures(nn.Module):
     EfficientNet: the last block at strides 4, 8, 16, 32. ViT/DeiT: tokens of blocks L/4, L/2, 3L/4, L (2, 5,
     8, 11 of 12), prefix tokens dropped, as (B, D, 14, 14) maps (brought to 4 scales in the Projector)."""
 
-    def __init__(self, net, kind, mean, std):
+    def __init__(self, net, kind, mean, std, device):
         super().__init__()
         self.net, self.vit = net, kind in ("deit", "vit")
         self.prefix = 2 if kind == "deit" else 1  # class (+ distillation) tokens
         self.input_size = net.config.image_size
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1))
         if not self.vit:  # which hidden states end a stride: found once from the shapes
             with torch.no_grad():
-                x = torch.zeros(1, 3, self.input_size, self.input_size)
+                x = torch.zeros(1, 3, self.input_size, self.input_size, device=device)
                 hidden = net(x, output_hidden_states=True).hidden_states
             sizes = [h.shape[-1] for h in hidden]
             ends = [i for i in range(len(sizes)) if i + 1 == len(sizes) or sizes[i + 1] != sizes[i]]
@@ -172,8 +187,7 @@ class PretrainedFeatures(nn.Module):
             self.taps = ends[-4:]
 
     def forward(self, x):
-        x = ((x + 1) / 2 - self.mean) / self.std
-        x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        x = resize(((x + 1) / 2 - self.mean) / self.std, self.input_size)
         hidden = self.net(x, output_hidden_states=True).hidden_states
         if not self.vit:
             return [hidden[i] for i in self.taps]
@@ -197,9 +211,7 @@ class TeacherUNetFeatures(nn.Module):
         self.taps = [round(k * (n - 1) / 3) for k in range(4)]
 
     def forward(self, x):
-        if x.shape[-1] != self.input_size:
-            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
-        z = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        z = self.vae.encode(resize(x, self.input_size)).latent_dist.mean * self.vae.config.scaling_factor
         z = math.sqrt(self.alpha_bar) * z + math.sqrt(1 - self.alpha_bar) * torch.randn_like(z)
         unet, context = self.unet, self.uncond.expand(len(z), -1, -1)
         emb = unet.time_embedding(unet.time_proj(torch.full((len(z),), self.t, device=z.device)).to(z.dtype))
@@ -295,15 +307,15 @@ class ProjectedDiscriminator(nn.Module):
         self.backbones = nn.ModuleList(feature_nets).requires_grad_(False).eval()
         self.projectors, self.heads = nn.ModuleList(), nn.ModuleList()
         for net in feature_nets:
-            with torch.no_grad():
-                feats = net(torch.zeros(1, 3, net.input_size, net.input_size, device=device))
-                proj = Projector([f.shape[1] for f in feats], cout,
-                                 feats[0].shape[1] if getattr(net, "vit", False) else None).to(device)
+            with torch.no_grad(), torch.device(device):
+                feats = net(torch.zeros(1, 3, net.input_size, net.input_size))
+                proj = Projector([f.shape[1] for f in feats], cout, feats[0].shape[1] if getattr(net, "vit", False)
+                                 else None)
                 maps = proj(feats)
             end = 8 if maps[-1].shape[-1] >= 8 else nearest_size(maps[-1].shape[-1])
             self.projectors.append(proj.requires_grad_(False))
-            heads = nn.ModuleList(Head(m.shape[1], m.shape[-1], end, text_dim, cmap_dim) for m in maps)
-            self.heads.append(heads.to(device))
+            with torch.device(device):
+                self.heads.append(nn.ModuleList(Head(m.shape[1], m.shape[-1], end, text_dim, cmap_dim) for m in maps))
         self.train()
 
     def train(self, mode=True):  # the feature module stays in eval mode whatever D is asked (frozen BatchNorms)
@@ -316,8 +328,9 @@ class ProjectedDiscriminator(nn.Module):
                 for net, proj, heads in zip(self.backbones, self.projectors, self.heads)]
 
 
-def load_backbone(spec):
-    """A transformers EfficientNet / DeiT / ViT as a PretrainedFeatures, or None if it cannot be loaded."""
+def load_backbone(spec, device, configs_only=False):
+    """A transformers EfficientNet / DeiT / ViT as a PretrainedFeatures on `device`, or None if it cannot be loaded.
+    configs_only: random weights from its config (for dry_run's memory estimate)."""
     from transformers import AutoConfig, AutoModel
     from transformers.utils import cached_file
     try:
@@ -325,7 +338,16 @@ def load_backbone(spec):
         if kind not in ("efficientnet", "deit", "vit"):
             raise SystemExit(f"config error: backbone '{spec}' is a '{kind}' model; the discriminator takes "
                              "EfficientNet, DeiT or ViT (transformers), or 'teacher_unet'")
-        net = AutoModel.from_pretrained(spec, **({} if kind == "efficientnet" else {"add_pooling_layer": False}))
+        kwargs = {} if kind == "efficientnet" else {"add_pooling_layer": False}
+        if configs_only:
+            try:
+                from transformers.initialization import no_init_weights
+            except ImportError:  # transformers 4
+                from transformers.modeling_utils import no_init_weights
+            with torch.device(device), no_init_weights():  # (random init draws data-dependent values)
+                net = AutoModel.from_config(AutoConfig.from_pretrained(spec), **kwargs)
+        else:
+            net = AutoModel.from_pretrained(spec, **kwargs).to(device)
         stats_file = cached_file(spec, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
     except (OSError, ValueError):  # unreachable offline, or not a transformers model
         return None
@@ -337,7 +359,7 @@ def load_backbone(spec):
     std = stats.get("image_std", [0.229, 0.224, 0.225])
     if kind == "efficientnet" and stats.get("include_top", False):  # its processor divides by std twice (Keras port)
         std = [s * s for s in std]
-    return PretrainedFeatures(net.requires_grad_(False).eval(), kind, mean, std)
+    return PretrainedFeatures(net.requires_grad_(False).eval(), kind, mean, std, device)
 
 
 def build_discriminator(specs, teacher, vae, scheduler, uncond, image_size, text_dim, device, verbose=True):
@@ -345,7 +367,7 @@ def build_discriminator(specs, teacher, vae, scheduler, uncond, image_size, text
     that cannot be loaded is replaced by 'teacher_unet' if offline_fallback, else a clear error."""
     nets, names = [], []
     for spec in specs:
-        net = None if spec == "teacher_unet" else load_backbone(spec)
+        net = None if spec == "teacher_unet" else load_backbone(spec, device, configs_only=dry_run)
         if net is None and spec != "teacher_unet":
             if not offline_fallback:
                 raise SystemExit(f"backbone error: cannot load '{spec}' (offline, or not a transformers model folder); "
@@ -357,8 +379,8 @@ def build_discriminator(specs, teacher, vae, scheduler, uncond, image_size, text
             spec = "teacher_unet"
         if spec == "teacher_unet" and spec not in names:
             net = TeacherUNetFeatures(teacher, vae, scheduler, uncond, unet_feature_t, image_size)
-        if net is not None:
-            nets.append(net.to(device))
+        if net is not None:  # (already on device: the teacher's, or loaded there)
+            nets.append(net)
             names.append(spec)
     return ProjectedDiscriminator(nets, text_dim, proj_channels, cmap_dim, device), names
 
@@ -448,15 +470,67 @@ def validation_grid(teacher, ema, vae, scheduler, text, prompts, shape, device, 
     save_grid(torch.stack(cols, 1).flatten(0, 1), path, nrow=3)
 
 
+def estimate_step_memory(micro, real_size):
+    """One training step of this config on fake tensors (common.estimate_memory): the frozen teacher, the
+    generator, its EMA, the discriminator and both Adam states as a run holds them; a G step, a D step and an R1
+    step, each freeing its graph before the next."""
+    cpu, single = torch.device("cpu"), Dist(False, 0, 0, 1, torch.device("cpu"), True)
+    with estimate_memory() as mem:
+        text_encoder, vae, teacher, scheduler = sd_from_configs(model)
+        G = fp32_output(type(teacher).from_config(teacher.config)).train()  # (no deepcopy of fake tensors)
+        freeze_unet(G, freeze)
+        g_params = [p for p in G.parameters() if p.requires_grad]
+        ema = type(teacher).from_config(teacher.config).requires_grad_(False)  # held, as in a run
+        width, length = text_encoder.config.hidden_size, text_encoder.config.max_position_embeddings
+        uncond = torch.randn(1, length, width)
+        size = resolution or teacher.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        D, _ = build_discriminator(backbones, teacher, vae, scheduler, uncond, size, width, cpu, verbose=False)
+        d_params = list(D.heads.parameters())
+        opt_g = torch.optim.Adam(g_params, lr=g_lr, betas=(0.0, 0.99))
+        opt_d = torch.optim.Adam(d_params, lr=d_lr, betas=(0.0, 0.99))
+        if grad_checkpointing:
+            G.enable_gradient_checkpointing(), vae.enable_gradient_checkpointing()
+        cond, pooled = torch.randn(micro, length, width), torch.randn(micro, width)
+        real = torch.randn(micro, 3, real_size or size, real_size or size)
+        shape = latent_shape(vae, teacher, size, size)
+        D.heads.requires_grad_(False)
+        generator_loss(D(generate(G, scheduler, vae, cond, uncond.expand(micro, -1, -1), shape, cpu), pooled)).backward()
+        D.heads.requires_grad_(True)
+        optimizer_step(opt_g, g_params, single)
+        with torch.no_grad():
+            fake = generate(G, scheduler, vae, cond, uncond.expand(micro, -1, -1), shape, cpu)
+        discriminator_loss(D(fake, pooled), D(real, pooled)).backward()
+        optimizer_step(opt_d, d_params, single)
+        if r1_gamma > 0:
+            with sdpa_kernel([SDPBackend.MATH]):
+                r1_penalty(D, real, pooled).mean().backward()
+            optimizer_step(opt_d, d_params, single)
+        del ema
+    return mem
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main(argv):
     from configurator import configure
     config = configure(globals(), argv)
-    d, micro = start_run(device, init_from, batch_size, grad_accum, seed)
-    if r1_interval < 1:
-        raise SystemExit(f"config error: r1_interval must be >= 1, not {r1_interval}")
+    check_config(config, positive=("batch_size", "grad_accum", "max_iters", "g_lr", "d_lr", "r1_interval",
+                                   "ema_kimg", "proj_channels", "cmap_dim", "teacher_steps", "log_interval",
+                                   "eval_interval", "ckpt_interval", "max_nonfinite"),
+                 non_negative=("r1_gamma", "ema_rampup", "num_val_prompts"))
+    if dry_run:
+        micro = batch_size // (grad_accum * dry_run_gpus)
+        if micro < 1 or batch_size % (grad_accum * dry_run_gpus):
+            raise SystemExit(f"config error: batch_size {batch_size} must divide by grad_accum * dry_run_gpus "
+                             f"({grad_accum} * {dry_run_gpus})")
+        meta = os.path.join(data_dir, "meta.json")  # the real images' stored size, if prepared already
+        real_size = json.load(open(meta))["splits"].get(split, {}).get("H", 0) if os.path.exists(meta) else 0
+        mem = estimate_step_memory(micro, real_size)
+        print(memory_report(mem, f"one D2O step at {micro} image(s) per GPU ({dry_run_gpus} GPUs, grad_accum "
+                                 f"{grad_accum}, grad_checkpointing {grad_checkpointing})"))
+        return mem.peak
+    d, micro = start_run(device, init_from, batch_size, grad_accum, seed, out_dir, overwrite)
     if not backbones:
         raise SystemExit("config error: backbones must name at least one feature network")
 
@@ -513,7 +587,7 @@ def main(argv):
         D.heads.load_state_dict(ck["d_heads"]), D.projectors.load_state_dict(ck["d_projectors"])
         opt_g.load_state_dict(ck["opt_g"]), opt_d.load_state_dict(ck["opt_d"])
         it = ck["iter"]
-        set_rng_state(ck["rng"][d.rank] if len(ck["rng"]) == d.world_size else ck["rng"][0])
+        resume_rng(ck["rng"], d, seed, it)
         print(f"resumed from {out_dir}/ckpt.pt at iteration {it}")
     generator = G
     if compile:
@@ -527,6 +601,7 @@ def main(argv):
     log_path = start_log(out_dir, init_from, d)
 
     def save_checkpoint():
+        require_finite(g_params + ema_params, "the generator")  # never replace a good checkpoint with a broken one
         rngs = gather(rng_state(), d)
         if d.master:
             atomic_save({"g": {k: p.detach().cpu() for k, p in zip(g_names, g_params)},
@@ -537,7 +612,7 @@ def main(argv):
                         os.path.join(out_dir, "ckpt.pt"))
 
     pbar = tqdm(total=max_iters, initial=it, disable=not d.master, desc="d2o")
-    t0, seen, sums = time.time(), 0, {}
+    t0, seen, sums, streak = time.time(), 0, {}, 0
     while it < max_iters:
         epoch, pos = divmod(it, iters_per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # the epoch's order
@@ -578,11 +653,15 @@ def main(argv):
         if r1_gamma > 0 and it > 0 and it % r1_interval == 0:
             step["r1"] = 0.0
             for _, pooled, real in micros:
-                penalty = r1_penalty(D, real, pooled).mean()
-                (penalty * (r1_gamma / 2) * r1_interval / grad_accum).backward()
+                with sdpa_kernel([SDPBackend.MATH]):  # backward recomputes checkpointed blocks: the same kernel
+                    penalty = r1_penalty(D, real, pooled).mean()
+                    (penalty * (r1_gamma / 2) * r1_interval / grad_accum).backward()
                 step["r1"] += penalty.item() / grad_accum
             optimizer_step(opt_d, d_params, d)
 
+        # divergence: optimizer_step's nan_to_num (as the official code) would hide it; a streak stops the run
+        streak = 0 if all_finite([step["g_loss"], step["d_loss"]], [], d) else streak + 1
+        stop_if_diverged(streak, max_nonfinite, it + 1)
         beta = ema_decay(it * batch_size, batch_size, ema_kimg, ema_rampup)
         with torch.no_grad():
             for e, p in zip(ema_params, g_params):
@@ -599,8 +678,7 @@ def main(argv):
                       "img_per_s": seen / (time.time() - t0), "peak_mem_gb": peak_memory_gb(d.device)}
             pbar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("iter", "epoch")))
             if d.master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_log(log_path, record)
             t0, seen, sums = time.time(), 0, {}
         if d.master and (it % eval_interval == 0 or it == max_iters):
             validation_grid(teacher, ema, vae, scheduler, (tokenizer, text_encoder, uncond), val_prompts, shape,
@@ -609,6 +687,7 @@ def main(argv):
             save_checkpoint()
     pbar.close()
     if d.master:  # the EMA UNet, a plain diffusers folder (safetensors); replaced whole, never half-written
+        require_finite(list(ema.parameters()), "the EMA generator")
         path = os.path.join(out_dir, "unet")
         ema.save_pretrained(path + ".tmp", safe_serialization=True)
         shutil.rmtree(path, ignore_errors=True)

@@ -28,11 +28,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
-                    fetch, gather, latent_shape, load_checkpoint, load_sd, load_split, one_step_x0, peak_memory_gb,
-                    rng_state, save_grid, save_json, seeded_noise, set_rng_state, start_log, start_run)
+from common import (all_finite, all_reduce_mean, append_log, atomic_save, autocast, check_config, checked_compile,
+                    ddim_sample, decode, encode_prompts, estimate_memory, fetch, fp32_output, gather, latent_shape,
+                    load_checkpoint, load_sd, load_split, memory_report, one_step_x0, peak_memory_gb, require_finite,
+                    resume_rng, rng_state, save_grid, save_json, sd_from_configs, seeded_noise, start_log, start_run,
+                    stop_if_diverged)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
@@ -41,6 +44,7 @@ split = "train"
 num_examples = 0  # (prompt, noise) pairs per epoch; 0 = one per caption row of the split
 out_dir = "out/hipa-fmnist"
 init_from = "scratch"  # 'scratch' or 'resume' (out_dir/ckpt.pt)
+overwrite = False  # a scratch run into an out_dir that holds an earlier run: refused unless True
 resolution = 0  # image size; 0 = the model's native size
 # LoRA: W' = W + (alpha / rank) B A on every Linear/Conv2d whose name ends with a target
 lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # the paper's attention projections
@@ -68,6 +72,7 @@ warmup_iters = 50
 weight_decay = 0.0
 grad_clip = 1.0
 ema_decay = 0.0  # EMA of the LoRA weights (0: off); the export uses the EMA when on
+max_nonfinite = 10  # this many consecutive steps with a non-finite loss or gradient stop the run (non-zero exit)
 # logging, evaluation, checkpoints
 log_interval = 10
 eval_interval = 100  # validation grid every this many iterations (and at the end)
@@ -77,8 +82,10 @@ num_val_prompts = 8
 device = "auto"
 compile = False  # torch.compile the student UNet (checked against eager gradients first)
 compile_backend = "inductor"
-grad_checkpointing = False  # trade compute for memory in the UNet and VAE decoder (SD at 512)
+grad_checkpointing = False  # trade compute for memory in the UNet, the VAE decoder and the DISTS network
 seed = 0
+dry_run = False  # print the estimated peak GPU memory of one training step per GPU and exit (no weights, no GPU)
+dry_run_gpus = 8  # for dry_run: the micro-batch per GPU is batch_size / (grad_accum * dry_run_gpus)
 # -----------------------------------------------------------------------------
 
 
@@ -92,15 +99,16 @@ class LoRA(nn.Module):
     def __init__(self, base, rank, alpha):
         super().__init__()
         self.base, self.scale, self.enabled = base, alpha / rank, True
+        fp32 = {"device": base.weight.device, "dtype": torch.float32}  # trainable params in fp32, even on a bf16 base
         if isinstance(base, nn.Linear):
-            self.lora_A = nn.Linear(base.in_features, rank, bias=False)
-            self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+            self.lora_A = nn.Linear(base.in_features, rank, bias=False, **fp32)
+            self.lora_B = nn.Linear(rank, base.out_features, bias=False, **fp32)
         else:  # Conv2d: A has the base's kernel and stride, B is 1x1
-            self.lora_A = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
-            self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+            self.lora_A = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False,
+                                    **fp32)
+            self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False, **fp32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.lora_A.float(), self.lora_B.float()  # trainable params in fp32 even when the base is bf16
 
     def forward(self, x):
         out = self.base(x)
@@ -126,7 +134,7 @@ def add_lora(unet, targets, rank, alpha):
     for name, base in chosen.items():
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
-        lora = LoRA(base, rank, alpha).to(base.weight.device)
+        lora = LoRA(base, rank, alpha)
         setattr(parent, child, lora)
         loras[name] = lora
     return loras
@@ -182,6 +190,7 @@ class L2Pool(nn.Module):
 class DISTS(nn.Module):
     def __init__(self, width=1.0):
         super().__init__()
+        self.checkpoint = False  # recompute each stage in backward instead of keeping its activations
         layers, c_in = [], 3
         for v in VGG16_CFG:  # same indices as torchvision's vgg16().features, so its weights load as they are
             if v == "L2":
@@ -199,7 +208,8 @@ class DISTS(nn.Module):
     def stages(self, x):
         feats, h, start = [x], (x - self.mean) / self.std, 0  # stage 0 is the raw image
         for end in DISTS_STAGE_ENDS:
-            h = self.features[start: end + 1](h)
+            stage = self.features[start: end + 1]
+            h = checkpoint(stage, h, use_reentrant=False) if self.checkpoint and h.requires_grad else stage(h)
             feats.append(h)
             start = end + 1
         return feats
@@ -315,11 +325,22 @@ def example_prompts(rows, n, base_seed):
                                                           generator=pick).item()] for k in range(n)]
 
 
-def cache_key(unet, scheduler, prompts_hash, latent_shape, n):
-    """Teacher targets are valid for one model, sampler, resolution, noise seed and example list."""
-    probe = [float(p.float().sum()) for p in (unet.conv_in.weight, unet.conv_out.weight)]
-    desc = json.dumps([model, probe, dict(scheduler.config), teacher_steps, guidance, latent_shape, seed, n,
-                       prompts_hash, 1], sort_keys=True, default=str)
+def weights_fingerprint(*modules):
+    """sha1 of every weight's bytes, names, shapes and dtypes: targets made by other weights or in another dtype
+    never match (SD 2.1's UNet and text encoder: about 4 GB, a few seconds)."""
+    h = hashlib.sha1()
+    for m in modules:
+        for name, t in m.state_dict().items():
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(weights, scheduler, prompts_hash, latent_shape, n):
+    """Teacher targets are valid for one model (its weights' fingerprint), sampler, resolution, noise seed and
+    example list."""
+    desc = json.dumps([weights, dict(scheduler.config), teacher_steps, guidance, latent_shape, seed, n,
+                       prompts_hash, 2], sort_keys=True, default=str)
     return hashlib.sha1(desc.encode()).hexdigest()[:16]
 
 
@@ -346,11 +367,13 @@ def build_teacher_cache(unet, loras, scheduler, text, prompts, shape, d, dtype, 
         if d.ddp:
             torch.distributed.barrier()
         arr = np.load(tmp, mmap_mode="r+")
-        mine = list(range(d.rank, len(prompts), d.world_size))
+        mine, written = list(range(d.rank, len(prompts), d.world_size)), 0
         for i in tqdm(range(0, len(mine), batch), desc="teacher targets", disable=not d.master):
             idx = mine[i: i + batch]
             latents = teacher_latents(unet, loras, scheduler, text, prompts, idx, shape, d.device, dtype)
             arr[idx] = latents.cpu().half().numpy()
+            written += len(idx)
+        assert written == len(mine) > 0, "every row of this rank's share is written before the file is renamed"
         arr.flush()
         del arr
         if d.ddp:
@@ -360,6 +383,38 @@ def build_teacher_cache(unet, loras, scheduler, text, prompts, shape, d, dtype, 
         if d.ddp:
             torch.distributed.barrier()
     return np.load(path, mmap_mode="r")
+
+
+def student_loss(student, vae, dists, scheduler, x_T, cond, uncond, target, device):
+    """Eq. 1-3 for one micro-batch: the student's one-step image from x_T (LoRA on, bf16 autocast on CUDA) against
+    the teacher's image decoded from its N-step latents `target`; the VAE decode and the losses in fp32."""
+    with torch.no_grad():
+        teacher_images = decode(vae, target)
+    with autocast(device):
+        x0 = one_step_x0(student, scheduler, x_T, cond, uncond, guidance)
+    return adaptation_loss(decode(vae, x0), teacher_images, dists, loss)
+
+
+def estimate_step_memory(micro):
+    """One training step of this config on fake tensors (common.estimate_memory): the frozen UNet in bf16 with
+    the LoRA, the text encoder, the VAE and the full-width DISTS as a paper run holds them, the AdamW state."""
+    with estimate_memory() as mem:
+        text_encoder, vae, unet, scheduler = sd_from_configs(model, torch.bfloat16)
+        params = lora_params(add_lora(unet, lora_targets, lora_rank, lora_alpha))
+        dists = DISTS(1.0).requires_grad_(False) if loss == "hipa" else None
+        if grad_checkpointing:
+            unet.enable_gradient_checkpointing(), vae.enable_gradient_checkpointing()
+            if dists is not None:
+                dists.checkpoint = True
+        opt = torch.optim.AdamW(params, lr=lr)
+        shape = latent_shape(vae, unet, resolution, resolution)
+        context = (micro, text_encoder.config.max_position_embeddings, text_encoder.config.hidden_size)
+        cond, uncond = torch.randn(context).to(torch.bfloat16), torch.randn(context).to(torch.bfloat16)
+        terms = student_loss(unet, vae, dists, scheduler, torch.randn(micro, *shape), cond, uncond,
+                             torch.randn(micro, *shape), torch.device("cpu"))
+        sum(terms.values()).backward()
+        opt.step()
+    return mem
 
 
 @torch.no_grad()
@@ -384,7 +439,23 @@ def validation_grid(unet, loras, vae, scheduler, text, prompts, shape, device, d
 def main(argv):
     from configurator import configure
     config = configure(globals(), argv)
-    d, micro = start_run(device, init_from, batch_size, grad_accum, seed)
+    check_config(config, positive=("batch_size", "grad_accum", "epochs", "lr", "lora_alpha", "teacher_steps",
+                                   "hp_radius", "grad_clip", "log_interval", "eval_interval", "ckpt_interval",
+                                   "max_nonfinite"),
+                 non_negative=("num_examples", "warmup_iters", "weight_decay", "ema_decay", "w_spatial", "w_fft",
+                               "w_sobel", "num_val_prompts"))
+    if ema_decay >= 1:
+        raise SystemExit(f"config error: ema_decay must be < 1, got {ema_decay}")
+    if dry_run:
+        micro = batch_size // (grad_accum * dry_run_gpus)
+        if micro < 1 or batch_size % (grad_accum * dry_run_gpus):
+            raise SystemExit(f"config error: batch_size {batch_size} must divide by grad_accum * dry_run_gpus "
+                             f"({grad_accum} * {dry_run_gpus})")
+        mem = estimate_step_memory(micro)
+        print(memory_report(mem, f"one HiPA step at {micro} image(s) per GPU ({dry_run_gpus} GPUs, grad_accum "
+                                 f"{grad_accum}, grad_checkpointing {grad_checkpointing})"))
+        return mem.peak
+    d, micro = start_run(device, init_from, batch_size, grad_accum, seed, out_dir, overwrite)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32  # the frozen UNet
 
     # --- data: one (prompt, noise seed) pair per example, fixed across epochs so the teacher can be cached
@@ -399,20 +470,22 @@ def main(argv):
 
     # --- models: frozen SD, LoRA on the UNet (LoRA off = the teacher)
     tokenizer, text_encoder, vae, unet, scheduler = load_sd(model, d.device)
-    if dtype != torch.float32:
-        unet.to(dtype)
+    fp32_output(unet.to(dtype))  # the frozen UNet in bf16 on CUDA, its output layer in fp32 (x0 = ... / 0.068)
     shape = latent_shape(vae, unet, resolution, resolution)
+    weights = weights_fingerprint(unet, text_encoder) if teacher_cache else None  # before the LoRA is added
     loras = add_lora(unet, lora_targets, lora_rank, lora_alpha)
     params = lora_params(loras)
     if d.master:
         total = sum(p.numel() for p in unet.parameters())
         print(f"LoRA: {len(loras)} layers, {sum(p.numel() for p in params):,} trainable parameters "
               f"({100 * sum(p.numel() for p in params) / total:.2f}% of the UNet)")
+    text = (tokenizer, text_encoder, encode_prompts(tokenizer, text_encoder, [""]))
+    dists = load_dists(vgg_weights, dists_weights, cache_dir, verbose=d.master).to(d.device) if loss == "hipa" else None
     if grad_checkpointing:
         unet.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
-    text = (tokenizer, text_encoder, encode_prompts(tokenizer, text_encoder, [""]))
-    dists = load_dists(vgg_weights, dists_weights, cache_dir, verbose=d.master).to(d.device) if loss == "hipa" else None
+        if dists is not None:
+            dists.checkpoint = True
     probe = torch.rand(1, 3, 8, 8, device=d.device)
     adaptation_loss(probe, probe, dists, loss)  # a bad `loss` fails here, before anything is written
 
@@ -421,16 +494,20 @@ def main(argv):
     it = 0
     if init_from == "resume":
         ck = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        if [tuple(v.shape) for v in ck["lora"]] != [tuple(p.shape) for p in params]:
+            raise SystemExit(f"resume error: {out_dir}/ckpt.pt holds an adaptor of other LoRA targets or rank "
+                             f"(its config: lora_targets={ck['config']['lora_targets']}, "
+                             f"lora_rank={ck['config']['lora_rank']})")
         for p, v in zip(params, ck["lora"]):
             p.data.copy_(v)
         opt.load_state_dict(ck["opt"])
         ema = [e.to(p.device) for e, p in zip(ck["ema"], params)] if ema is not None else None
         it = ck["iter"]
-        set_rng_state(ck["rng"][d.rank] if len(ck["rng"]) == d.world_size else ck["rng"][0])
+        resume_rng(ck["rng"], d, seed, it)
         print(f"resumed from {out_dir}/ckpt.pt at iteration {it}")
     student = unet
     if compile:
-        c = encode_prompts(tokenizer, text_encoder, prompts[:2]).to(dtype)
+        c = encode_prompts(tokenizer, text_encoder, prompts[:2])  # fp32: the check runs on an fp32 copy
         x = seeded_noise([0, 1], shape, seed).to(d.device)
         student = checked_compile(unet, lambda m: one_step_x0(m, scheduler, x, c, None, 1.0).square().mean(),
                                   backend=compile_backend)
@@ -444,7 +521,7 @@ def main(argv):
     # --- teacher targets: once, on disk (or, with teacher_cache=False, every step)
     cache = None
     if teacher_cache:
-        key = cache_key(unet, scheduler, hashlib.sha1("\n".join(prompts).encode()).hexdigest(), shape, n)
+        key = cache_key(weights, scheduler, hashlib.sha1("\n".join(prompts).encode()).hexdigest(), shape, n)
         t0 = time.time()
         cache = build_teacher_cache(unet, loras, scheduler, text, prompts, shape, d, dtype,
                                     os.path.join(cache_dir, f"teacher_{key}.npy"), micro * 2)
@@ -460,7 +537,7 @@ def main(argv):
                          "iter": it, "rng": rngs, "config": config}, os.path.join(out_dir, "ckpt.pt"))
 
     pbar = tqdm(total=max_iters, initial=it, disable=not d.master, desc="hipa")
-    t0, seen, skipped = time.time(), 0, 0
+    t0, seen, skipped, streak = time.time(), 0, 0, 0
     while it < max_iters:
         epoch, pos = divmod(it, iters_per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # the epoch's order
@@ -474,27 +551,19 @@ def main(argv):
                 target = torch.from_numpy(np.stack([cache[k] for k in idx])).float().to(d.device)
             else:
                 target = teacher_latents(unet, loras, scheduler, text, prompts, idx, shape, d.device, dtype)
-            with torch.no_grad():
-                teacher_images = decode(vae, target)
             cond = encode_prompts(tokenizer, text_encoder, [prompts[k] for k in idx]).to(dtype)
             uncond = text[2].expand(len(idx), -1, -1).to(dtype)
             if d.ddp:
                 student.require_backward_grad_sync = m == grad_accum - 1
-            with autocast(d.device):
-                x0 = one_step_x0(student, scheduler, seeded_noise(idx, shape, seed).to(d.device), cond, uncond,
-                                 guidance)
-            student_images = decode(vae, x0.float())  # VAE and losses in fp32
-            terms = adaptation_loss(student_images, teacher_images, dists, loss)
+            terms = student_loss(student, vae, dists, scheduler, seeded_noise(idx, shape, seed).to(d.device), cond,
+                                 uncond, target, d.device)
             total_loss = sum(terms.values()) / grad_accum
             total_loss.backward()
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + v.item() / grad_accum
-        # NaN guard: a non-finite loss or gradient on any rank skips the step everywhere
-        finite = torch.tensor([float(all(math.isfinite(v) for v in terms_sum.values()) and
-                                     all(torch.isfinite(p.grad).all() for p in params if p.grad is not None))])
-        if d.ddp:
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if finite.item() == 1:
+        # NaN guard: a non-finite loss or gradient on any rank skips the step everywhere; a streak of them stops
+        if all_finite(terms_sum.values(), [p.grad for p in params if p.grad is not None], d):
+            streak = 0
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
             if ema is not None:
@@ -502,8 +571,9 @@ def main(argv):
                     for e, p in zip(ema, params):
                         e.lerp_(p.detach(), 1 - ema_decay)
         else:
-            skipped += 1
+            skipped, streak = skipped + 1, streak + 1
             tqdm.write(f"iter {it}: non-finite loss or gradient, step skipped ({skipped} so far)")
+            stop_if_diverged(streak, max_nonfinite, it)
         opt.zero_grad(set_to_none=True)
         it += 1
         seen += batch_size
@@ -516,8 +586,7 @@ def main(argv):
                      "skipped": skipped}
             pbar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in stats.items() if k not in ("iter", "epoch")))
             if d.master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(stats) + "\n")
+                append_log(log_path, stats)
             t0, seen = time.time(), 0
         if d.master and (it % eval_interval == 0 or it == max_iters):
             validation_grid(unet, loras, vae, scheduler, text, val_prompts, shape, d.device, dtype,
@@ -527,6 +596,7 @@ def main(argv):
     pbar.close()
     if d.master:
         from safetensors.torch import save_file
+        require_finite(ema if ema is not None else params, "the adaptor")
         path = os.path.join(out_dir, "pytorch_lora_weights.safetensors")
         save_file(lora_state(loras, ema), path + ".tmp")
         os.replace(path + ".tmp", path)

@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce_mean, atomic_save, autocast, checked_compile, ddim_sample, decode, encode_prompts,
-                    gather, images_to_tensor, load_checkpoint, load_split, peak_memory_gb, rng_state, save_grid,
-                    save_json, set_rng_state, start_run)
+from common import (all_reduce_mean, atomic_save, autocast, check_config, checked_compile, ddim_sample, decode,
+                    encode_prompts, gather, images_to_tensor, load_checkpoint, load_split, peak_memory_gb, resume_rng,
+                    rng_state, save_grid, save_json, start_run)
 
 # ----------------------------------------------------------------------------- config
 out_dir = "out/pretrain"  # checkpoints, sample grids, config.json and the final model/ folder
 data_dir = "data/fmnist"  # prepared data (prepare_fmnist.py / prepare_coco.py)
 init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+overwrite = False  # a scratch run into an out_dir that holds an earlier run: refused unless True
 # model
 vae_channels = (32, 64, 64)  # AutoencoderKL block widths; len-1 downsamplings (32x32 -> 8x8 for 3)
 latent_channels = 4
@@ -213,7 +214,11 @@ def grid_prompts(rows):
 def main(argv):
     from configurator import configure
     config = configure(globals(), argv)
-    d, micro = start_run(device, init_from, batch_size, grad_accum, seed)
+    check_config(config, positive=("vae_batch_size", "vae_lr", "batch_size", "grad_accum", "lr", "grad_clip",
+                                   "max_length", "log_interval", "sample_interval", "ckpt_interval", "sample_steps"),
+                 non_negative=("vae_iters", "iters", "warmup_iters", "weight_decay", "uncond_prob", "ema_decay",
+                               "kl_weight"))
+    d, micro = start_run(device, init_from, batch_size, grad_accum, seed, out_dir, overwrite)
     if d.master:
         os.makedirs(out_dir, exist_ok=True)
         save_json(config, os.path.join(out_dir, "config.json"))
@@ -242,8 +247,10 @@ def main(argv):
         opt.load_state_dict(ck["opt"])
         it = ck["iter"]
         vae.register_to_config(scaling_factor=ck["scaling_factor"])
-        data_gen.set_state(ck["data_gen"][d.rank] if d.world_size == len(ck["data_gen"]) else ck["data_gen"][0])
-        set_rng_state(ck["rng"][d.rank] if d.world_size == len(ck["rng"]) else ck["rng"][0])
+        if resume_rng(ck["rng"], d, seed, it):
+            data_gen.set_state(ck["data_gen"][d.rank])
+        else:  # another world size: this rank's own fresh data stream, as resume_rng does for the noise
+            data_gen.manual_seed(seed + 1000 * d.rank + 7919 * it)
         print(f"resumed from {out_dir}/ckpt.pt at iteration {it}")
 
     if d.master:

@@ -258,11 +258,64 @@ def test_non_finite_loss_skips_the_step(tiny_sd, captions, tmp_path, monkeypatch
     (["--lora_targets=('attn_q',)"], "match no layer"),
     (["--loss=l1"], "loss must be"),
     (["--batch_size=16"], "8 examples are fewer than one batch of 16"),
+    (["--batch_size=-4"], "batch_size must be > 0, got -4"),  # once wrote an all-zero teacher cache, exit 0
+    (["--batch_size=0"], "batch_size must be > 0, got 0"),
+    (["--epochs=0"], "epochs must be > 0, got 0"),  # once overwrote a trained adaptor with an untrained one
+    (["--num_examples=-1"], "num_examples must be >= 0, got -1"),
+    (["--lr=-1e-4"], "lr must be > 0"),
+    (["--ckpt_interval=0"], "ckpt_interval must be > 0, got 0"),
+    (["--init_from=resume"], "no checkpoint at"),
 ])
 def test_bad_input_fails_before_writing_anything(tiny_sd, captions, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         hipa.main(run_args(tiny_sd, captions, tmp_path / "out", *extra))
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out_cache").exists()
+
+
+def test_a_scratch_run_never_destroys_an_earlier_one(tiny_sd, captions, tmp_path):
+    out = tmp_path / "run"
+    hipa.main(run_args(tiny_sd, captions, out, "--epochs=1"))
+    before = {f: (out / f).read_bytes() for f in ("ckpt.pt", "log.jsonl", "pytorch_lora_weights.safetensors")}
+    for extra in ([], ["--ckpt_interval=0"], ["--lr=2e-3"]):
+        with pytest.raises(SystemExit, match="holds an earlier run .ckpt.pt, log.jsonl.*--overwrite=True|ckpt_interval"):
+            hipa.main(run_args(tiny_sd, captions, out, "--epochs=1", *extra))
+    assert before == {f: (out / f).read_bytes() for f in before}  # untouched
+    hipa.main(run_args(tiny_sd, captions, out, "--epochs=1", "--lr=2e-3", "--overwrite=True"))
+    assert (out / "ckpt.pt").read_bytes() != before["ckpt.pt"]
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2  # a new log, not appended to the old one
+
+
+def test_divergence_stops_the_run_and_exports_nothing(tiny_sd, captions, tmp_path):
+    out = tmp_path / "div"
+    with pytest.raises(SystemExit, match="consecutive steps with a non-finite loss or gradient"):
+        hipa.main(run_args(tiny_sd, captions, out, "--lr=1e10", "--epochs=20", "--max_nonfinite=3"))
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]  # strict JSON: no bare NaN
+    assert log[-1]["skipped"] >= 1 and log[-1]["loss"] is None
+
+
+def test_resume_with_other_lora_targets_or_rank_is_one_clear_error(tiny_sd, captions, tmp_path):
+    out = tmp_path / "r"
+    hipa.main(run_args(tiny_sd, captions, out, "--epochs=1"))
+    for extra in (["--lora_rank=8"], ["--lora_targets=('to_q',)"]):
+        with pytest.raises(SystemExit, match="resume error: .* other LoRA targets or rank"):
+            hipa.main(run_args(tiny_sd, captions, out, "--epochs=2", "--init_from=resume", *extra))
+
+
+def test_teacher_cache_key_covers_every_weight_and_the_dtype(sd):
+    tokenizer, text_encoder, vae, unet, scheduler = sd
+    before = hipa.weights_fingerprint(unet, text_encoder)
+    with torch.no_grad():  # a mid-block weight (the old key looked at conv_in and conv_out only)
+        w = unet.mid_block.resnets[0].conv1.weight
+        w[0, 0, 0, 0] += 1e-3
+        assert hipa.weights_fingerprint(unet, text_encoder) != before
+        w[0, 0, 0, 0] -= 1e-3
+        e = text_encoder.get_input_embeddings().weight
+        e[1, 0] += 1e-3
+        assert hipa.weights_fingerprint(unet, text_encoder) != before
+        e[1, 0] -= 1e-3
+    assert hipa.weights_fingerprint(unet, text_encoder) == before
+    assert hipa.weights_fingerprint(unet.to(torch.bfloat16), text_encoder) != before
 
 
 def test_two_ranks_train_the_same_adaptor_as_one(tiny_sd, captions, tmp_path):
@@ -283,3 +336,14 @@ def test_two_ranks_train_the_same_adaptor_as_one(tiny_sd, captions, tmp_path):
     assert two["iter"] == one["iter"] == 4 and len(two["rng"]) == 2
     for a, b in zip(one["lora"][1::2], two["lora"][1::2]):  # the B matrices: zero at the start, all update
         assert a.norm() > 0 and (a - b).norm() < 0.01 * a.norm()
+
+
+def test_dry_run_estimates_memory_without_weights_and_writes_nothing(tiny_sd, captions, tmp_path, capsys):
+    def peak(*extra):
+        return hipa.main(run_args(tiny_sd, captions, tmp_path / "out", "--dry_run=True", "--dry_run_gpus=1", *extra))
+    small, large = peak("--batch_size=2"), peak("--batch_size=8")
+    assert "estimated peak GPU memory of one HiPA step at 8 image(s) per GPU" in capsys.readouterr().out
+    assert 0 < small < large  # activations grow with the micro-batch
+    assert peak("--batch_size=8", "--grad_checkpointing=True") < large  # checkpointing UNet, VAE and DISTS saves
+    assert peak("--batch_size=8", "--grad_accum=4") == small  # grad_accum splits the per-GPU batch
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out_cache").exists()
