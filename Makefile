@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 # don't pull a multi-GB CUDA build. With a GPU, install the torch you want before `make install`.
 TORCH   := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: install install-test test demo demo-d2o data teacher clean
+.PHONY: install install-test test test-gpu demo demo-d2o data teacher clean
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -26,6 +26,10 @@ install-test: .venv/.installed-test
 
 test: install-test
 	$(PY) -m pytest -q tests
+
+# On a CUDA machine: the trainers under torchrun (NCCL, bf16, eager and Inductor), half-precision sampling.
+test-gpu: install-test
+	$(PY) -m pytest -q tests/test_cuda.py -rs
 
 # Fashion-MNIST from Debian's package where apt is available (prepare_fmnist.py downloads it otherwise).
 data/fmnist/meta.json: prepare_fmnist.py | install
