@@ -52,7 +52,7 @@ LORA := out/hipa-fmnist/pytorch_lora_weights.safetensors
 D2O_UNET := out/d2o-fmnist/unet
 SAMPLE := $(PY) sample.py config/fmnist_sample.py --skip_existing=False --grid=False
 demo: data
-	$(PY) hipa.py config/fmnist_hipa.py
+	$(PY) hipa.py config/fmnist_hipa.py --overwrite=True
 	$(SAMPLE) --steps=15 --out_dir=$(DEMO)/teacher-15step
 	$(SAMPLE) --steps=1 --out_dir=$(DEMO)/base-1step
 	$(SAMPLE) --steps=1 --lora=$(LORA) --out_dir=$(DEMO)/hipa-1step
@@ -67,7 +67,7 @@ demo: data
 
 # D2O on the tiny teacher (about 25 minutes on 2 CPU cores); `make demo` then adds it to its table.
 demo-d2o: data
-	$(PY) d2o.py config/fmnist_d2o.py
+	$(PY) d2o.py config/fmnist_d2o.py --overwrite=True
 
 clean:
 	rm -rf out

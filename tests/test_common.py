@@ -48,6 +48,49 @@ def test_load_sd_names_what_is_missing(tmp_path):
         load_sd(str(tmp_path))
 
 
+def test_hub_id_loads_offline_from_the_hf_cache(tiny_sd, tmp_path):
+    """A hub id (ORG/NAME) is found in the Hugging Face cache under HF_HOME, as a download leaves it (blobs, a
+    snapshot of links, refs/main), with HF_HUB_OFFLINE=1; one that is not cached is one line, not a traceback."""
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    import sample
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-sd"
+    for f in sorted(p for p in Path(tiny_sd).rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, blob)
+        link = repo / "snapshots" / commit / f.relative_to(tiny_sd)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    args = ["--steps=1", "--num_per_prompt=2", "--grid=False"]
+    sample.main([f"--model={tiny_sd}", f"--out_dir={tmp_path / 'folder'}", *args])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    # one process (one import of torch): the cached id makes its images, then the absent id ends the process
+    hub_args = ["--model=tiny-org/tiny-sd", f"--out_dir={tmp_path / 'hub'}", *args]
+    absent_args = ["--model=tiny-org/absent", f"--out_dir={tmp_path / 'absent'}", *args]
+    code = f"import sample; sample.main({hub_args}); sample.main({absent_args})"
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    for name in ("000000.png", "000001.png"):
+        assert np.array_equal(np.array(Image.open(tmp_path / "hub" / name)),
+                              np.array(Image.open(tmp_path / "folder" / name)))
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "model error: cannot load 'tiny-org/absent': no such local folder, and not in the local Hugging Face cache")
+    assert "HF_HUB_OFFLINE=1 forbids downloading" in run.stderr
+    assert not (tmp_path / "absent").exists()
+
+
 class ZeroGradBeforeLastLayer(torch.nn.Module):
     """What Inductor does to diffusers UNets on CPU with torch 2.13: right forward, zero early gradients."""
 
