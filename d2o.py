@@ -494,7 +494,8 @@ def estimate_step_memory(micro, real_size):
         real = torch.randn(micro, 3, real_size or size, real_size or size)
         shape = latent_shape(vae, teacher, size, size)
         D.heads.requires_grad_(False)
-        generator_loss(D(generate(G, scheduler, vae, cond, uncond.expand(micro, -1, -1), shape, cpu), pooled)).backward()
+        fake = generate(G, scheduler, vae, cond, uncond.expand(micro, -1, -1), shape, cpu)
+        generator_loss(D(fake, pooled)).backward()
         D.heads.requires_grad_(True)
         optimizer_step(opt_g, g_params, single)
         with torch.no_grad():

@@ -42,6 +42,20 @@ def tiny_sd_v(tmp_path_factory):
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v"), prediction_type="v_prediction")
 
 
+@pytest.fixture(scope="session")
+def real_data(tmp_path_factory):
+    """16 random 16x16 images with 2 captions each: real images for D2O, captions for HiPA, data for pretrain."""
+    import numpy as np
+
+    from common import write_split
+    root = tmp_path_factory.mktemp("real")
+    words = ["a photo of a sneaker", "a bag", "an ankle boot", "a photo of a bag"]
+    rows = [{"id": i, "captions": [words[i % 4], words[(i + 1) % 4]]} for i in range(16)]
+    images = np.random.RandomState(0).randint(0, 256, (16, 16, 16, 3)).astype(np.uint8)
+    write_split(str(root), "train", images, rows, source="test")
+    return str(root)
+
+
 class Killed(Exception):
     pass
 

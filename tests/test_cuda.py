@@ -19,7 +19,7 @@ from test_hipa import run_args as hipa_args
 from test_pretrain import args as pretrain_args
 
 import sample
-from common import encode_prompts, guided_unet, latent_shape, load_sd, one_step_x0, seeded_noise, write_split
+from common import encode_prompts, guided_unet, latent_shape, load_sd, one_step_x0, seeded_noise
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU; run by `make test-gpu` on a GPU machine")
@@ -29,17 +29,6 @@ TEACHER = os.path.join(ROOT, "assets", "tiny-sd-fmnist")  # the shipped teacher:
 DEVICE = "cuda"
 NPROC = min(2, torch.cuda.device_count())  # 2 ranks (NCCL between 2 GPUs) where the machine has 2
 TIMEOUT = 1200  # seconds per run: Inductor compiles the UNet's forward and backward on every rank
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """16 random 16x16 images with 2 captions each (as test_d2o's real_data): enough for every trainer."""
-    root = tmp_path_factory.mktemp("data")
-    words = ["a photo of a sneaker", "a bag", "an ankle boot", "a photo of a bag"]
-    rows = [{"id": i, "captions": [words[i % 4], words[(i + 1) % 4]]} for i in range(16)]
-    images = np.random.RandomState(0).randint(0, 256, (16, 16, 16, 3)).astype(np.uint8)
-    write_split(str(root), "train", images, rows, source="test")
-    return str(root)
 
 
 # Each trainer for 2 steps with the CPU tests' tiny settings: (script, argv).
@@ -93,9 +82,9 @@ def outputs(name, out, stdout):
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "inductor"])
 @pytest.mark.parametrize("name", list(TRAINERS))
-def test_each_trainer_takes_two_finite_bf16_steps_under_torchrun(name, compile, tiny_sd, data, tmp_path):
+def test_each_trainer_takes_two_finite_bf16_steps_under_torchrun(name, compile, tiny_sd, real_data, tmp_path):
     out = tmp_path / "run"
-    script, argv = TRAINERS[name](tiny_sd, data, out)
+    script, argv = TRAINERS[name](tiny_sd, real_data, out)
     port = 29610 + 2 * list(TRAINERS).index(name) + compile  # one per run: a lingering one cannot block the next
     flags = ["--compile=True", "--compile_backend=inductor"] if compile else ["--compile=False"]
     code, stdout, stderr = torchrun(script, argv + flags, port)
@@ -138,14 +127,14 @@ def test_one_step_x0_under_bf16_autocast_stays_close_to_fp32():
 
 
 @pytest.mark.parametrize("name", ["hipa", "d2o"])
-def test_dry_run_estimate_is_near_the_measured_peak(name, data, tmp_path):
+def test_dry_run_estimate_is_near_the_measured_peak(name, real_data, tmp_path):
     """`--dry_run=True` (fake tensors, CPU's autocast for CUDA's) against torch.cuda.max_memory_allocated of the
     same step on the GPU (log.jsonl's peak_mem_gb), on the shipped teacher at batch 16."""
     import d2o
     import hipa
     module = {"hipa": hipa, "d2o": d2o}[name]
-    args = (hipa_args(TEACHER, data, tmp_path / "run", "--num_examples=16", "--epochs=1") if name == "hipa" else
-            d2o_args(TEACHER, data, tmp_path / "run", "--max_iters=2", "--r1_interval=1"))
+    args = (hipa_args(TEACHER, real_data, tmp_path / "run", "--num_examples=16", "--epochs=1") if name == "hipa" else
+            d2o_args(TEACHER, real_data, tmp_path / "run", "--max_iters=2", "--r1_interval=1"))
     args += ["--batch_size=16", f"--device={DEVICE}"]
     estimate = module.main(args + ["--dry_run=True", "--dry_run_gpus=1"]) / 2**30
     torch.cuda.reset_peak_memory_stats()

@@ -184,16 +184,6 @@ def test_ema_decay_is_the_official_formula():
 
 # ----------------------------------------------------------------------------- the loop
 
-@pytest.fixture(scope="module")
-def real_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("real")
-    words = ["a photo of a sneaker", "a bag", "an ankle boot", "a photo of a bag"]
-    rows = [{"id": i, "captions": [words[i % 4], words[(i + 1) % 4]]} for i in range(16)]
-    images = np.random.RandomState(0).randint(0, 256, (16, 16, 16, 3)).astype(np.uint8)
-    write_split(str(root), "train", images, rows, source="test")
-    return str(root)
-
-
 def run_args(model, data, out, *extra):
     return [f"--model={model}", f"--data_dir={data}", f"--out_dir={out}", "--batch_size=4", "--max_iters=4",
             "--r1_interval=2", "--log_interval=1", "--eval_interval=100", "--ckpt_interval=1", "--teacher_steps=2",
