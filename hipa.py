@@ -8,10 +8,10 @@ its high frequencies (Eq. 1-3):
     L = DISTS(x1, xT) + DISTS(HP(x1), HP(xT)) + DISTS(Sobel(x1), Sobel(xT))
 
 x1: student image (LoRA on, one UNet call at t = T-1), xT: teacher image (same UNet with LoRA off, N-step
-DDIM, guidance 2). The teacher's targets depend only on (prompt, noise seed): they are computed once and
-cached, and every epoch reuses them.
+DDIM, guidance 2). The teacher's targets depend only on (prompt, noise seed): each epoch draws every example's
+caption and noise anew (vary_per_epoch), and its targets are computed once and cached on disk.
 
-    python hipa.py config/fmnist_hipa.py                                  # the laptop run (~10 min CPU)
+    python hipa.py config/fmnist_hipa.py                                  # the laptop run (~5 min CPU)
     torchrun --nproc_per_node=8 hipa.py config/coco_hipa.py               # the paper's run
     python hipa.py config/fmnist_hipa.py --init_from=resume               # continue a run
 
@@ -53,7 +53,9 @@ lora_alpha = 16.0
 # teacher (LoRA off) and student (LoRA on)
 teacher_steps = 15  # DDIM steps, trailing spacing
 guidance = 2.0  # classifier-free guidance of the teacher and of the one-step student
-teacher_cache = True  # compute the teacher's targets once (fp16 latents on disk) instead of every epoch
+teacher_cache = True  # compute the teacher's targets once (fp16 latents on disk) instead of every step
+vary_per_epoch = True  # each epoch draws every example's caption and noise anew (the cache then holds epochs x
+# examples targets: 32 KB each for SD at 512, 19 GB for COCO's 118k x 5 epochs); False: the same pairs each epoch
 cache_dir = "out/hipa_cache"
 # loss
 loss = "hipa"  # 'hipa' (DISTS on image, high-pass, Sobel); Table 1 rows: 'l2', 'l2+low', 'l2+high'
@@ -63,6 +65,9 @@ w_sobel = 1.0
 hp_radius = 0.25  # ideal high/low-pass cut-off radius, as a fraction of the Nyquist frequency
 vgg_weights = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16 (URL or path)
 dists_weights = "https://github.com/dingkeyan93/DISTS/raw/master/DISTS_pytorch/weights.pt"  # alpha, beta (URL or path)
+standin = "vgg_random"  # if those are unreachable: 'lite0' (the DISTS form on ImageNet EfficientNet-Lite0 features, from
+# a pip package) or 'vgg_random' (VGG16 at quarter width with random weights); announced, never called DISTS
+standin_size = 64  # images are resized to this for the 'lite0' stand-in (32-px images: 64 is a CPU trade-off)
 # optimisation
 epochs = 5
 batch_size = 64  # global batch, over all ranks and micro-steps
@@ -188,9 +193,13 @@ class L2Pool(nn.Module):
 
 
 class DISTS(nn.Module):
-    def __init__(self, width=1.0):
+    """DISTS on VGG16 (width 1: the real one; the weights come from load_dists), or its form on another frozen
+    network's stages (`lite0`: efficientnet_lite's 4 taps, images resized to `size`) with uniform alpha/beta."""
+
+    def __init__(self, width=1.0, lite0=None, size=0):
         super().__init__()
         self.checkpoint = False  # recompute each stage in backward instead of keeping its activations
+        self.lite0, self.size = lite0, size
         layers, c_in = [], 3
         for v in VGG16_CFG:  # same indices as torchvision's vgg16().features, so its weights load as they are
             if v == "L2":
@@ -200,12 +209,19 @@ class DISTS(nn.Module):
                 c_in = int(v * width)
         self.features = nn.Sequential(*layers)
         self.channels = [3] + [self.features[i - 1].out_channels for i in DISTS_STAGE_ENDS]  # 1475 at full width
+        if lite0 is not None:
+            from efficientnet_lite import LITE0_CHANNELS
+            self.features, self.channels = nn.Sequential(), [3, *LITE0_CHANNELS]
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
         self.register_buffer("alpha", torch.full((sum(self.channels),), 0.5 / sum(self.channels)))
         self.register_buffer("beta", torch.full((sum(self.channels),), 0.5 / sum(self.channels)))
 
     def stages(self, x):
+        if self.lite0 is not None:  # (Lite0 normalises its input itself)
+            h = F.interpolate(x, size=self.size, mode="bilinear", antialias=True) if self.size else x
+            return [x] + (checkpoint(self.lite0.features, h, use_reentrant=False) if self.checkpoint and
+                          h.requires_grad else self.lite0.features(h))
         feats, h, start = [x], (x - self.mean) / self.std, 0  # stage 0 is the raw image
         for end in DISTS_STAGE_ENDS:
             stage = self.features[start: end + 1]
@@ -238,18 +254,35 @@ def reachable(spec, cache):
         return None
 
 
-def load_dists(vgg_spec, dists_spec, cache, verbose=True):
+def load_dists(vgg_spec, dists_spec, cache, verbose=True, standin_kind="vgg_random", size=0):
     """DISTS with torchvision's ImageNet VGG16 and the authors' alpha/beta (loaded with weights_only=True).
-    If either is unreachable (offline), a deterministic stand-in, announced loudly: VGG16 at STANDIN_WIDTH with
-    seeded random weights and uniform alpha = beta. Random deep features still measure texture and structure
-    (e.g. Ulyanov et al. 2018), but numbers from it are not comparable with the paper's."""
+    If either is unreachable (offline), a deterministic stand-in, announced loudly: 'lite0', the DISTS form on
+    ImageNet EfficientNet-Lite0 features with uniform alpha = beta, or 'vgg_random', VGG16 at STANDIN_WIDTH with
+    seeded random weights (random deep features still measure texture and structure, Ulyanov et al. 2018).
+    Numbers from a stand-in are not comparable with the paper's."""
     vgg, ab = reachable(vgg_spec, cache), reachable(dists_spec, cache)
+    if standin_kind not in ("lite0", "vgg_random"):
+        raise SystemExit(f"config error: standin must be 'lite0' or 'vgg_random', not '{standin_kind}'")
+    if not (vgg and ab) and standin_kind == "lite0":
+        from efficientnet_lite import load_lite0
+        if verbose:
+            print("=" * 100 + f"\nWARNING: DISTS weights unreachable ({vgg_spec if not vgg else dists_spec}).\n"
+                  f"Using the offline stand-in 'lite0': the DISTS form (texture and structure terms, uniform "
+                  f"weights) on ImageNet EfficientNet-Lite0 features at {size or 'native'} px. Not DISTS.\n"
+                  + "=" * 100)
+        return DISTS(lite0=load_lite0(), size=size).requires_grad_(False).eval()
     net = DISTS(1.0 if vgg and ab else STANDIN_WIDTH)
-    if vgg and ab:
+    if vgg and ab:  # strictly: every conv of VGG16's features with its shape, 1475 alphas and betas
         state = torch.load(vgg, map_location="cpu", weights_only=True)
-        net.features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")},
-                                     strict=False)
+        got = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        want = {k: v.shape for k, v in net.features.state_dict().items() if not k.endswith(".kernel")}  # (L2Pool)
+        bad = sorted(set(want) ^ set(got)) or [k for k in want if got[k].shape != want[k]]
         w = torch.load(ab, map_location="cpu", weights_only=True)
+        if bad or not isinstance(w, dict) or any(w.get(k, torch.empty(0)).numel() != len(net.alpha)
+                                                 for k in ("alpha", "beta")):
+            raise SystemExit(f"DISTS error: {vgg} / {ab} are not torchvision's VGG16 and the DISTS alpha/beta "
+                             f"({'keys or shapes differ at ' + ', '.join(bad[:3]) if bad else 'alpha/beta'})")
+        net.features.load_state_dict(got, strict=False)
         net.alpha.copy_(w["alpha"].flatten()), net.beta.copy_(w["beta"].flatten())
     else:
         g = torch.Generator().manual_seed(0)
@@ -259,9 +292,8 @@ def load_dists(vgg_spec, dists_spec, cache, verbose=True):
                 m.bias.data.zero_()
         if verbose:
             print("=" * 100 + f"\nWARNING: DISTS weights unreachable ({vgg_spec if not vgg else dists_spec}).\n"
-                  f"Using the offline stand-in: VGG16 at width {STANDIN_WIDTH}, seeded random weights, uniform "
-                  "alpha/beta.\nFine for the embedded default; for paper runs give vgg_weights= and dists_weights= "
-                  "(paths).\n" + "=" * 100)
+                  f"Using the offline stand-in 'vgg_random': VGG16 at width {STANDIN_WIDTH}, seeded random weights, "
+                  "uniform alpha/beta.\nFor paper runs give vgg_weights= and dists_weights= (paths).\n" + "=" * 100)
     return net.requires_grad_(False).eval()
 
 
@@ -269,23 +301,28 @@ def gray(x):
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
-def as_image(m):
-    """A single-channel map -> 3 channels in [0, 1], normalised per image (never across the batch)."""
-    lo = m.amin(dim=(1, 2, 3), keepdim=True)
-    hi = m.amax(dim=(1, 2, 3), keepdim=True)
-    return ((m - lo) / (hi - lo + 1e-8)).expand(-1, 3, -1, -1)
+def as_images(student_map, teacher_map, signed):
+    """Single-channel maps of the student and the teacher -> 3-channel images for the perceptual network, both
+    scaled by ONE factor per pair: the teacher map's largest magnitude (detached), so the teacher's fills [0, 1]
+    (signed maps centred on 0.5) and a student with too little high-frequency amplitude shows it as a fainter
+    image. Scaling each map by its own min and max (an earlier version) made the loss blind to that amplitude:
+    a student with every frequency above the cut-off scaled to 0.3 scored exactly 0."""
+    scale = teacher_map.detach().abs().amax(dim=(1, 2, 3), keepdim=True) + 1e-8
+    shift, span = (0.5, 2 * scale) if signed else (0.0, scale)
+    return [(shift + m / span).expand(-1, 3, -1, -1) for m in (student_map, teacher_map)]
 
 
 def fourier_pass(x, radius, high=True):
-    """|IFFT(FFT(gray(x)) * M)| with M an ideal circular mask around the centred spectrum: high-pass keeps
-    frequencies beyond radius * Nyquist, low-pass the rest (paper Sec. 3, I_freq)."""
+    """Re IFFT(FFT(gray(x)) * M) with M an ideal circular mask around the centred spectrum: high-pass keeps
+    frequencies beyond radius * Nyquist, low-pass the rest (paper Sec. 3, I_freq). The result is real (the mask
+    is symmetric); its sign is part of the signal."""
     g = gray(x)
     h, w = g.shape[-2:]
     fy = torch.fft.fftshift(torch.fft.fftfreq(h, device=x.device)).view(-1, 1) * 2  # in units of Nyquist
     fx = torch.fft.fftshift(torch.fft.fftfreq(w, device=x.device)).view(1, -1) * 2
     keep = ((fy ** 2 + fx ** 2).sqrt() > radius) == high
     spectrum = torch.fft.fftshift(torch.fft.fft2(g), dim=(-2, -1)) * keep
-    return torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1))).abs()
+    return torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1))).real
 
 
 def sobel(x, eps=1e-6):
@@ -301,11 +338,11 @@ def adaptation_loss(x1, xT, dists, kind):
     the low- or high-pass Fourier reconstruction)."""
     x1, xT = x1.float(), xT.float()
     if kind == "hipa":
-        def hp(x):
-            return as_image(fourier_pass(x, hp_radius))
+        hp = as_images(fourier_pass(x1, hp_radius), fourier_pass(xT, hp_radius), signed=True)
+        edges = as_images(sobel(x1), sobel(xT), signed=False)
         return {"spatial": w_spatial * dists(x1, xT).mean(),
-                "fft": w_fft * dists(hp(x1), hp(xT)).mean(),
-                "sobel": w_sobel * dists(as_image(sobel(x1)), as_image(sobel(xT))).mean()}
+                "fft": w_fft * dists(*hp).mean(),
+                "sobel": w_sobel * dists(*edges).mean()}
     terms = {"l2": F.mse_loss(x1, xT)}
     if kind in ("l2+low", "l2+high"):
         high = kind == "l2+high"
@@ -319,10 +356,18 @@ def adaptation_loss(x1, xT, dists, kind):
 
 
 def example_prompts(rows, n, base_seed):
-    """Example k's prompt: one caption, picked at random once, of caption row k (mod the number of rows)."""
+    """Example k's prompt: one caption, picked at random, of caption row k (mod the number of rows)."""
     pick = torch.Generator().manual_seed(base_seed)
     return [rows[k % len(rows)]["captions"][torch.randint(len(rows[k % len(rows)]["captions"]), (1,),
                                                           generator=pick).item()] for k in range(n)]
+
+
+def epoch_examples(rows, n, epoch):
+    """(prompts, noise seed) of an epoch's n examples: example k gets prompts[k] and the noise of seed
+    noise_seed + k. With vary_per_epoch every epoch has its own (COCO's ~5 captions per image all get used, and
+    no (prompt, noise, target) triple repeats); without it, epoch 0's pairs every epoch."""
+    e = epoch if vary_per_epoch else 0
+    return example_prompts(rows, n, seed + 1_000_003 * e), seed + e * n
 
 
 def weights_fingerprint(*modules):
@@ -336,29 +381,29 @@ def weights_fingerprint(*modules):
     return h.hexdigest()
 
 
-def cache_key(weights, scheduler, prompts_hash, latent_shape, n):
-    """Teacher targets are valid for one model (its weights' fingerprint), sampler, resolution, noise seed and
+def cache_key(weights, scheduler, prompts, noise_seed, latent_shape):
+    """Teacher targets are valid for one model (its weights' fingerprint), sampler, resolution, noise seeds and
     example list."""
-    desc = json.dumps([weights, dict(scheduler.config), teacher_steps, guidance, latent_shape, seed, n,
-                       prompts_hash, 2], sort_keys=True, default=str)
+    desc = json.dumps([weights, dict(scheduler.config), teacher_steps, guidance, latent_shape, noise_seed,
+                       hashlib.sha1("\n".join(prompts).encode()).hexdigest(), 3], sort_keys=True, default=str)
     return hashlib.sha1(desc.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
-def teacher_latents(unet, loras, scheduler, text, prompts, indices, shape, device, dtype):
+def teacher_latents(unet, loras, scheduler, text, prompts, noise_seed, indices, shape, device, dtype):
     """The frozen model's N-step DDIM x0 latents (LoRA off) for examples `indices`."""
     set_lora(loras, False)
     cond = encode_prompts(text[0], text[1], [prompts[k] for k in indices]).to(dtype)
     uncond = text[2].expand(len(indices), -1, -1).to(dtype)
     with autocast(device):
-        x = ddim_sample(unet, scheduler, seeded_noise(indices, shape, seed).to(device), cond, uncond,
+        x = ddim_sample(unet, scheduler, seeded_noise(indices, shape, noise_seed).to(device), cond, uncond,
                         teacher_steps, guidance)
     set_lora(loras, True)
     return x
 
 
-def build_teacher_cache(unet, loras, scheduler, text, prompts, shape, d, dtype, path, batch):
-    """All teacher targets, fp16 latents in a memmap (examples sharded over ranks), once per cache key."""
+def build_teacher_cache(unet, loras, scheduler, text, prompts, noise_seed, shape, d, dtype, path, batch):
+    """An epoch's teacher targets, fp16 latents in a memmap (examples sharded over ranks), once per cache key."""
     if not os.path.exists(path):
         tmp = path + ".partial"
         if d.master:
@@ -370,7 +415,7 @@ def build_teacher_cache(unet, loras, scheduler, text, prompts, shape, d, dtype, 
         mine, written = list(range(d.rank, len(prompts), d.world_size)), 0
         for i in tqdm(range(0, len(mine), batch), desc="teacher targets", disable=not d.master):
             idx = mine[i: i + batch]
-            latents = teacher_latents(unet, loras, scheduler, text, prompts, idx, shape, d.device, dtype)
+            latents = teacher_latents(unet, loras, scheduler, text, prompts, noise_seed, idx, shape, d.device, dtype)
             arr[idx] = latents.cpu().half().numpy()
             written += len(idx)
         assert written == len(mine) > 0, "every row of this rank's share is written before the file is renamed"
@@ -421,7 +466,7 @@ def estimate_step_memory(micro):
 def validation_grid(unet, loras, vae, scheduler, text, prompts, shape, device, dtype, path):
     """Columns: teacher N-step | base model 1-step | student 1-step; fixed prompts and seeds."""
     idx = list(range(len(prompts)))
-    x_T = seeded_noise(idx, shape, 10**6).to(device)  # seeds outside the training examples'
+    x_T = seeded_noise(idx, shape, 10**9).to(device)  # seeds outside the training examples'
     cond = encode_prompts(text[0], text[1], prompts).to(dtype)
     uncond = text[2].expand(len(prompts), -1, -1).to(dtype)
     cols = []
@@ -458,10 +503,10 @@ def main(argv):
     d, micro = start_run(device, init_from, batch_size, grad_accum, seed, out_dir, overwrite)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32  # the frozen UNet
 
-    # --- data: one (prompt, noise seed) pair per example, fixed across epochs so the teacher can be cached
+    # --- data: n (prompt, noise seed) examples per epoch (epoch_examples), their teacher targets cached
     _, rows = load_split(data_dir, split, need_images=False)
     n = num_examples or len(rows)
-    prompts = example_prompts(rows, n, seed)
+    prompts, noise_seed = epoch_examples(rows, n, 0)
     iters_per_epoch = n // batch_size
     if iters_per_epoch == 0:
         raise SystemExit(f"config error: {n} examples are fewer than one batch of {batch_size}")
@@ -480,7 +525,8 @@ def main(argv):
         print(f"LoRA: {len(loras)} layers, {sum(p.numel() for p in params):,} trainable parameters "
               f"({100 * sum(p.numel() for p in params) / total:.2f}% of the UNet)")
     text = (tokenizer, text_encoder, encode_prompts(tokenizer, text_encoder, [""]))
-    dists = load_dists(vgg_weights, dists_weights, cache_dir, verbose=d.master).to(d.device) if loss == "hipa" else None
+    dists = load_dists(vgg_weights, dists_weights, cache_dir, d.master, standin, standin_size).to(d.device) \
+        if loss == "hipa" else None
     if grad_checkpointing:
         unet.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
@@ -518,15 +564,18 @@ def main(argv):
         os.makedirs(out_dir, exist_ok=True)
         save_json(config, os.path.join(out_dir, "config.json"))
 
-    # --- teacher targets: once, on disk (or, with teacher_cache=False, every step)
-    cache = None
-    if teacher_cache:
-        key = cache_key(weights, scheduler, hashlib.sha1("\n".join(prompts).encode()).hexdigest(), shape, n)
+    def epoch_targets(epoch):
+        """The epoch's examples and, with teacher_cache, their teacher targets: made once, then read from disk."""
+        prompts, noise_seed = epoch_examples(rows, n, epoch)
+        if not teacher_cache:
+            return prompts, noise_seed, None
+        path = os.path.join(cache_dir, f"teacher_{cache_key(weights, scheduler, prompts, noise_seed, shape)}.npy")
         t0 = time.time()
-        cache = build_teacher_cache(unet, loras, scheduler, text, prompts, shape, d, dtype,
-                                    os.path.join(cache_dir, f"teacher_{key}.npy"), micro * 2)
+        cache = build_teacher_cache(unet, loras, scheduler, text, prompts, noise_seed, shape, d, dtype, path,
+                                    micro * 2)
         if d.master:
-            print(f"teacher targets: {n} examples in {cache_dir}/teacher_{key}.npy ({time.time() - t0:.1f} s)")
+            tqdm.write(f"teacher targets of epoch {epoch}: {n} examples in {path} ({time.time() - t0:.1f} s)")
+        return prompts, noise_seed, cache
 
     log_path = start_log(out_dir, init_from, d)
 
@@ -537,9 +586,12 @@ def main(argv):
                          "iter": it, "rng": rngs, "config": config}, os.path.join(out_dir, "ckpt.pt"))
 
     pbar = tqdm(total=max_iters, initial=it, disable=not d.master, desc="hipa")
-    t0, seen, skipped, streak = time.time(), 0, 0, 0
+    t0, seen, skipped, streak, examples_of = time.time(), 0, 0, 0, None
     while it < max_iters:
         epoch, pos = divmod(it, iters_per_epoch)
+        if examples_of != (epoch if vary_per_epoch else 0):  # a new epoch's examples (and targets)
+            examples_of = epoch if vary_per_epoch else 0
+            prompts, noise_seed, cache = epoch_targets(epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # the epoch's order
         batch = order[pos * batch_size: (pos + 1) * batch_size]
         for g_ in opt.param_groups:
@@ -550,13 +602,14 @@ def main(argv):
             if cache is not None:
                 target = torch.from_numpy(np.stack([cache[k] for k in idx])).float().to(d.device)
             else:
-                target = teacher_latents(unet, loras, scheduler, text, prompts, idx, shape, d.device, dtype)
+                target = teacher_latents(unet, loras, scheduler, text, prompts, noise_seed, idx, shape, d.device,
+                                         dtype)
             cond = encode_prompts(tokenizer, text_encoder, [prompts[k] for k in idx]).to(dtype)
             uncond = text[2].expand(len(idx), -1, -1).to(dtype)
             if d.ddp:
                 student.require_backward_grad_sync = m == grad_accum - 1
-            terms = student_loss(student, vae, dists, scheduler, seeded_noise(idx, shape, seed).to(d.device), cond,
-                                 uncond, target, d.device)
+            terms = student_loss(student, vae, dists, scheduler, seeded_noise(idx, shape, noise_seed).to(d.device),
+                                 cond, uncond, target, d.device)
             total_loss = sum(terms.values()) / grad_accum
             total_loss.backward()
             for k, v in terms.items():

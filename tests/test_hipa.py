@@ -120,9 +120,23 @@ def test_dists_is_a_distance_with_zero_at_identity():
     assert 0 < noisy[0] < noisy[1] < noisy[2]
 
 
-def test_dists_loads_the_standard_weight_files(tmp_path, capsys):
-    vgg = {f"features.{i}.{k}": torch.randn(v, *(s if k == "weight" else ()))
-           for i, v, s in [(0, 64, (3, 3, 3)), (2, 64, (64, 3, 3))] for k in ("weight", "bias")}
+def test_lite0_standin_is_the_dists_form_on_imagenet_features(capsys):
+    net = hipa.load_dists("absent", "absent", "/nonexistent", standin_kind="lite0", size=64)
+    out = capsys.readouterr().out
+    assert "stand-in 'lite0'" in out and "Not DISTS" in out  # announced, and never called DISTS
+    assert net.channels == [3, 24, 40, 112, 320] and not any(p.requires_grad for p in net.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g)
+    assert net(x, x).abs().max() < 1e-5
+    noisy = [net(x, (x + s * torch.randn(x.shape, generator=g)).clamp(0, 1)).mean() for s in (0.05, 0.3)]
+    assert 0 < noisy[0] < noisy[1]
+
+
+def test_dists_loads_the_standard_weight_files_strictly(tmp_path, capsys):
+    convs = [i for i, m in enumerate(hipa.DISTS(1.0).features) if isinstance(m, torch.nn.Conv2d)]
+    net = hipa.DISTS(1.0)
+    vgg = {f"features.{i}.{k}": torch.randn(getattr(net.features[i], k).shape)
+           for i in convs for k in ("weight", "bias")}
     vgg["classifier.0.weight"] = torch.randn(4, 4)  # torchvision's file has the classifier too: ignored
     torch.save(vgg, tmp_path / "vgg16.pth")
     ab = {"alpha": torch.rand(1, 1475, 1, 1), "beta": torch.rand(1, 1475, 1, 1)}
@@ -132,6 +146,10 @@ def test_dists_loads_the_standard_weight_files(tmp_path, capsys):
     assert net.channels == [3, 64, 128, 256, 512, 512]
     assert torch.equal(net.features[2].weight, vgg["features.2.weight"])
     assert torch.equal(net.alpha, ab["alpha"].flatten())
+    del vgg["features.28.bias"]  # a wrong or truncated file is an error, never a half-random network
+    torch.save(vgg, tmp_path / "vgg16_bad.pth")
+    with pytest.raises(SystemExit, match=r"not torchvision's VGG16 .* \(keys or shapes differ at 28.bias\)"):
+        hipa.load_dists(str(tmp_path / "vgg16_bad.pth"), str(tmp_path / "weights.pt"), str(tmp_path))
     hipa.load_dists(str(tmp_path / "absent.pth"), str(tmp_path / "weights.pt"), str(tmp_path))
     assert "WARNING: DISTS weights unreachable" in capsys.readouterr().out  # offline: loud, never silent
 
@@ -141,21 +159,34 @@ def test_high_pass_keeps_fine_detail_and_drops_coarse_layout():
     coarse = (0.5 + 0.5 * torch.sin(2 * np.pi * i / 32)).expand(32, 32)  # 1 cycle per image
     fine = (0.5 + 0.5 * torch.sin(2 * np.pi * 12 * i / 32)).expand(32, 32)  # 12 cycles: 0.75 Nyquist
     as_rgb = lambda m: m.expand(1, 3, 32, 32)
-    assert hipa.fourier_pass(as_rgb(coarse), 0.25).max() < 1e-4
-    torch.testing.assert_close(hipa.fourier_pass(as_rgb(fine), 0.25)[0, 0], (fine - 0.5).abs().expand(32, 32),
-                               atol=1e-4, rtol=0)
+    assert hipa.fourier_pass(as_rgb(coarse), 0.25).abs().max() < 1e-4
+    torch.testing.assert_close(hipa.fourier_pass(as_rgb(fine), 0.25)[0, 0], (fine - 0.5).expand(32, 32),
+                               atol=1e-4, rtol=0)  # the signed detail itself, not its magnitude
     assert hipa.fourier_pass(as_rgb(fine), 0.25, high=False).std() < 1e-4  # low-pass: only the mean is left
 
 
-def test_sobel_finds_edges_and_maps_are_normalised_per_image():
+def test_sobel_finds_edges_and_maps_share_the_teachers_scale():
     x = torch.zeros(2, 3, 8, 8)
     x[0, :, :, 4:] = 1  # a vertical edge between columns 3 and 4
     edges = hipa.sobel(x)
     assert edges[0, 0, :, 3:5].min() > 3 and edges[0, 0, :, :2].max() < 0.01 and edges[1].max() < 0.01
-    maps = hipa.as_image(edges)
-    assert maps.shape == (2, 3, 8, 8) and maps[0].max() == 1 and maps[0].min() == 0
-    alone = hipa.as_image(edges[:1])
-    assert torch.equal(maps[:1], alone)  # not coupled through the batch
+    student, teacher = hipa.as_images(0.5 * edges, edges, signed=False)
+    assert teacher.shape == (2, 3, 8, 8) and teacher[0].max() == 1 and teacher[0].min() >= 0
+    assert torch.allclose(student, 0.5 * teacher)  # half the edge strength shows as half the brightness
+    alone = hipa.as_images(edges[:1], edges[:1], signed=False)[1]
+    assert torch.equal(teacher[:1], alone)  # one factor per image pair, not coupled through the batch
+
+
+def test_high_frequency_term_sees_a_student_that_lacks_high_frequency_amplitude():
+    """A student whose every frequency above the cut-off is scaled to 0.3 (9% of that energy) must score worse
+    than the teacher itself; with per-image min-max scaling it scored exactly 0."""
+    dists = hipa.load_dists("absent", "absent", "/nonexistent", verbose=False)
+    teacher = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    low = teacher - hipa.fourier_pass(teacher, 0.25)[:, :1]  # gray high-pass removed from every channel
+    soft = (low + 0.3 * hipa.fourier_pass(teacher, 0.25)[:, :1]).clamp(0, 1)
+    hp = lambda x: hipa.fourier_pass(x, 0.25)
+    assert dists(*hipa.as_images(hp(soft), hp(teacher), signed=True)).min() > 0.05
+    assert dists(*hipa.as_images(hp(teacher), hp(teacher), signed=True)).abs().max() < 1e-5
 
 
 def test_table1_ablation_losses():
@@ -188,7 +219,8 @@ def run_args(model, data, out, *extra):
 
 def test_training_moves_the_one_step_student_towards_the_teacher(tiny_sd, captions, tmp_path):
     out = tmp_path / "run"  # one batch of 4 examples per epoch: every logged loss is on the same examples
-    hipa.main(run_args(tiny_sd, captions, out, "--lr=3e-3", "--epochs=8", "--num_examples=4", "--eval_interval=8"))
+    hipa.main(run_args(tiny_sd, captions, out, "--lr=3e-3", "--epochs=8", "--num_examples=4", "--eval_interval=8",
+                       "--vary_per_epoch=False"))
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert len(log) == 8 and all(r["skipped"] == 0 for r in log)
     first, last = log[0]["loss"], log[-1]["loss"]
@@ -211,25 +243,39 @@ def test_resume_continues_exactly(tiny_sd, captions, tmp_path, monkeypatch):
 def test_teacher_targets_are_computed_once_and_reused(tiny_sd, captions, tmp_path, monkeypatch):
     calls = []
     real = hipa.teacher_latents
-    monkeypatch.setattr(hipa, "teacher_latents", lambda *a, **k: calls.append(len(a[5])) or real(*a, **k))
+    monkeypatch.setattr(hipa, "teacher_latents", lambda *a, **k: calls.append(len(a[6])) or real(*a, **k))
     cache = f"--cache_dir={tmp_path / 'cache'}"
     hipa.main(run_args(tiny_sd, captions, tmp_path / "c", cache))
-    assert sum(calls) == 8  # 8 examples x 2 epochs, each teacher target made once
-    cached = np.load(next((tmp_path / "cache").glob("teacher_*.npy")))
+    assert sum(calls) == 16  # 8 examples x 2 epochs, each epoch's own captions and noise, each target made once
+    cached = [np.load(f) for f in sorted((tmp_path / "cache").glob("teacher_*.npy"))]
+    assert len(cached) == 2 and not np.allclose(cached[0], cached[1])  # epochs differ
     sd = load_sd(tiny_sd)
     loras = hipa.add_lora(sd[3], TARGETS, 4, 4.0)
-    prompts = hipa.example_prompts(hipa.load_split(captions, "train", need_images=False)[1], 8, 0)
-    direct = real(sd[3], loras, sd[4], (sd[0], sd[1], encode_prompts(sd[0], sd[1], [""])), prompts, [0, 5],
+    rows = hipa.load_split(captions, "train", need_images=False)[1]
+    epoch0 = hipa.example_prompts(rows, 8, 0)
+    direct = real(sd[3], loras, sd[4], (sd[0], sd[1], encode_prompts(sd[0], sd[1], [""])), epoch0, 0, [0, 5],
                   (4, 8, 8), torch.device("cpu"), torch.float32)
-    torch.testing.assert_close(torch.from_numpy(cached[[0, 5]]).float(), direct, atol=2e-3, rtol=2e-3)  # fp16 on disk
+    assert any(np.allclose(c[[0, 5]], direct.numpy(), atol=2e-3, rtol=2e-3) for c in cached)  # fp16 on disk
     calls.clear()
     hipa.main(run_args(tiny_sd, captions, tmp_path / "d", cache))  # same model and settings: the cache is reused
     assert calls == []
     hipa.main(run_args(tiny_sd, captions, tmp_path / "e", cache, "--teacher_steps=2"))  # other settings: new targets
-    assert sum(calls) == 8
+    assert sum(calls) == 16
     calls.clear()
-    hipa.main(run_args(tiny_sd, captions, tmp_path / "f", cache, "--teacher_cache=False"))
+    hipa.main(run_args(tiny_sd, captions, tmp_path / "f", cache, "--vary_per_epoch=False"))
+    assert sum(calls) == 0  # the same pairs every epoch: epoch 0's targets, already cached
+    hipa.main(run_args(tiny_sd, captions, tmp_path / "g", cache, "--teacher_cache=False"))
     assert sum(calls) == 16  # without the cache: every example, every epoch
+
+
+def test_each_epoch_draws_new_captions_and_noise(captions, monkeypatch):
+    rows = hipa.load_split(captions, "train", need_images=False)[1]
+    monkeypatch.setattr(hipa, "vary_per_epoch", True)
+    (p0, s0), (p1, s1) = hipa.epoch_examples(rows, 16, 0), hipa.epoch_examples(rows, 16, 1)
+    assert p0 != p1 and s1 == s0 + 16  # other captions of the same rows, noise seeds never reused
+    assert all(p in rows[k]["captions"] for k, p in enumerate(p1))
+    monkeypatch.setattr(hipa, "vary_per_epoch", False)
+    assert hipa.epoch_examples(rows, 16, 3) == (p0, s0)
 
 
 def test_non_finite_loss_skips_the_step(tiny_sd, captions, tmp_path, monkeypatch):
@@ -277,7 +323,8 @@ def test_a_scratch_run_never_destroys_an_earlier_one(tiny_sd, captions, tmp_path
     hipa.main(run_args(tiny_sd, captions, out, "--epochs=1"))
     before = {f: (out / f).read_bytes() for f in ("ckpt.pt", "log.jsonl", "pytorch_lora_weights.safetensors")}
     for extra in ([], ["--ckpt_interval=0"], ["--lr=2e-3"]):
-        with pytest.raises(SystemExit, match="holds an earlier run .ckpt.pt, log.jsonl.*--overwrite=True|ckpt_interval"):
+        with pytest.raises(SystemExit, match="holds an earlier run .ckpt.pt, log.jsonl.*--overwrite=True"
+                                             "|ckpt_interval"):
             hipa.main(run_args(tiny_sd, captions, out, "--epochs=1", *extra))
     assert before == {f: (out / f).read_bytes() for f in before}  # untouched
     hipa.main(run_args(tiny_sd, captions, out, "--epochs=1", "--lr=2e-3", "--overwrite=True"))
