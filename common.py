@@ -421,11 +421,35 @@ def require_finite(tensors, what):
         raise SystemExit(f"training error: {what} has non-finite weights; not saved (the run diverged: lower the lr?)")
 
 
-def append_log(path, record):
-    """One JSON line; a non-finite float is written as null (bare NaN is not JSON)."""
+def append_log(path, record, run=None):
+    """One JSON line; a non-finite float is written as null (bare NaN is not JSON). With a wandb run (start_wandb),
+    the same record goes there too, at step record['iter']: log.jsonl stays the ground truth."""
     record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    if run is not None:
+        run.log(record, step=record["iter"])
+
+
+def start_wandb(config, d):
+    """A wandb run on rank 0 when config['wandb_log'] is on, else None. wandb is imported only then (on every
+    rank, so that a missing package stops all of them with one line), before the trainer writes anything."""
+    if not config["wandb_log"]:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("config error: wandb_log=True needs the wandb package (pip install wandb)")
+    if not d.master:
+        return None
+    return wandb.init(project=config["wandb_project"], name=config["wandb_run_name"] or None, config=config)
+
+
+def wandb_image(run, path, step, key="val_grid"):
+    """A picture the trainer just wrote (a validation grid), logged to the wandb run, if any."""
+    if run is not None:
+        import wandb
+        run.log({key: wandb.Image(path)}, step=step)
 
 
 # ----------------------------------------------------------------------------- torch.compile guard

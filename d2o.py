@@ -35,7 +35,7 @@ from common import (Dist, all_finite, all_reduce_mean, append_log, atomic_save, 
                     checked_compile, ddim_sample, decode, encode_prompts, estimate_memory, fp32_output, gather,
                     images_to_tensor, latent_shape, load_checkpoint, load_sd, load_split, memory_report, one_step_x0,
                     peak_memory_gb, require_finite, resume_rng, rng_state, save_grid, save_json, sd_from_configs,
-                    seeded_noise, start_log, start_run, stop_if_diverged)
+                    seeded_noise, start_log, start_run, start_wandb, stop_if_diverged, wandb_image)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model (hub id or folder): the generator's initialisation
@@ -72,6 +72,9 @@ ckpt_interval = 100
 num_val_prompts = 10
 teacher_steps = 25  # the grid's teacher column: DDIM steps and guidance
 teacher_guidance = 2.0
+wandb_log = False  # also log log.jsonl's records and the validation grids to wandb (imported only then)
+wandb_project = "one-step"
+wandb_run_name = ""  # '' = wandb's own name
 # system
 device = "auto"
 compile = False  # torch.compile the generator (checked against eager gradients first)
@@ -534,6 +537,7 @@ def main(argv):
     d, micro = start_run(device, init_from, batch_size, grad_accum, seed, out_dir, overwrite)
     if not backbones:
         raise SystemExit("config error: backbones must name at least one feature network")
+    wandb_run = start_wandb(config, d)
 
     # --- data: real images (any size: the discriminator resizes) and their captions
     images, rows = load_real_data(data_dir, split)
@@ -679,11 +683,12 @@ def main(argv):
                       "img_per_s": seen / (time.time() - t0), "peak_mem_gb": peak_memory_gb(d.device)}
             pbar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("iter", "epoch")))
             if d.master:
-                append_log(log_path, record)
+                append_log(log_path, record, wandb_run)
             t0, seen, sums = time.time(), 0, {}
         if d.master and (it % eval_interval == 0 or it == max_iters):
             validation_grid(teacher, ema, vae, scheduler, (tokenizer, text_encoder, uncond), val_prompts, shape,
                             d.device, os.path.join(out_dir, f"val_{it:06d}.png"))
+            wandb_image(wandb_run, os.path.join(out_dir, f"val_{it:06d}.png"), it)
         if it % ckpt_interval == 0 or it == max_iters:
             save_checkpoint()
     pbar.close()
@@ -695,6 +700,8 @@ def main(argv):
         os.replace(path + ".tmp", path)
         print(f"saved {path} (UNet2DConditionModel.from_pretrained loads it; "
               f"python sample.py --model={model} --unet={path} --guidance={guidance:g})")
+    if wandb_run is not None:
+        wandb_run.finish()
     if d.ddp:
         torch.distributed.destroy_process_group()
 

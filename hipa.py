@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -35,7 +36,7 @@ from common import (all_finite, all_reduce_mean, append_log, atomic_save, autoca
                     ddim_sample, decode, encode_prompts, estimate_memory, fetch, fp32_output, gather, latent_shape,
                     load_checkpoint, load_sd, load_split, memory_report, one_step_x0, peak_memory_gb, require_finite,
                     resume_rng, rng_state, save_grid, save_json, sd_from_configs, seeded_noise, start_log, start_run,
-                    stop_if_diverged)
+                    start_wandb, stop_if_diverged, wandb_image)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
@@ -65,8 +66,8 @@ w_sobel = 1.0
 hp_radius = 0.25  # ideal high/low-pass cut-off radius, as a fraction of the Nyquist frequency
 vgg_weights = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16 (URL or path)
 dists_weights = "https://github.com/dingkeyan93/DISTS/raw/master/DISTS_pytorch/weights.pt"  # alpha, beta (URL or path)
-standin = "vgg_random"  # if those are unreachable: 'lite0' (the DISTS form on ImageNet EfficientNet-Lite0 features, from
-# a pip package) or 'vgg_random' (VGG16 at quarter width with random weights); announced, never called DISTS
+standin = "vgg_random"  # if those are unreachable: 'vgg_random' (VGG16 at quarter width with random weights;
+# measured better here) or 'lite0' (the DISTS form on ImageNet EfficientNet-Lite0 features); never called DISTS
 standin_size = 64  # images are resized to this for the 'lite0' stand-in (32-px images: 64 is a CPU trade-off)
 # optimisation
 epochs = 5
@@ -83,6 +84,9 @@ log_interval = 10
 eval_interval = 100  # validation grid every this many iterations (and at the end)
 ckpt_interval = 100
 num_val_prompts = 8
+wandb_log = False  # also log log.jsonl's records and the validation grids to wandb (imported only then)
+wandb_project = "one-step"
+wandb_run_name = ""  # '' = wandb's own name
 # system
 device = "auto"
 compile = False  # torch.compile the student UNet (checked against eager gradients first)
@@ -160,6 +164,52 @@ def lora_state(loras, ema=None):
         B = params[f"{name}.lora_B.weight"] if params else m.lora_B.weight
         out[f"unet.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
         out[f"unet.{name}.lora_B.weight"] = (B.detach().float() * m.scale).cpu().contiguous()
+    return out
+
+
+def ldm_unet_name(name, unet):
+    """A diffusers UNet2DConditionModel module name -> its name in the original LDM/SGM UNet, which A1111 and
+    ComfyUI use for SD 1.x/2.x: input_blocks.0 is conv_in, then each down block has layers_per_block entries
+    [resnet, attention] and (all but the last) one [downsampler]; middle_block is [resnet, attention, resnet];
+    output_blocks has layers_per_block + 1 entries per up block, [resnet, attention, upsampler]. The inverse of
+    diffusers' single-file converter (tests/test_hipa.py checks every parameter). ValueError for other names."""
+    n = unet.config.layers_per_block
+    top = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+           "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    if name in top:
+        return top[name]
+    m = re.fullmatch(r"(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)"
+                     r"\.(\d+)\.(.+)", name)
+    if not isinstance(n, int) or m is None or m[3] == "resnets" and m[5] not in resnet:
+        raise ValueError(f"no LDM name for the UNet layer '{name}' (an SD 1.x/2.x-style UNet is needed)")
+    where, b, kind, j, rest = m[1], int(m[2] or 0), m[3], int(m[4]), resnet.get(m[5], m[5])
+    if where == "mid_block":
+        return f"middle_block.{2 * j if kind == 'resnets' else 1}.{rest}"
+    if kind == "downsamplers":
+        return f"input_blocks.{(b + 1) * (n + 1)}.0.op"
+    if kind == "upsamplers":
+        return f"output_blocks.{b * (n + 1) + n}.{1 + hasattr(unet.up_blocks[b], 'attentions')}.conv"
+    block = 1 + b * (n + 1) + j if where == "down_blocks" else b * (n + 1) + j
+    return f"{'input' if where == 'down_blocks' else 'output'}_blocks.{block}.{int(kind == 'attentions')}.{rest}"
+
+
+def kohya_lora_state(state, unet):
+    """A diffusers-format LoRA (lora_state) in the kohya layout of A1111 and ComfyUI: 'lora_unet_<LDM module
+    path, dots as underscores>' + '.lora_down.weight' (A), '.lora_up.weight' (B, alpha / rank already folded in)
+    and '.alpha' = rank, so that their scale alpha / rank is 1. diffusers reads it with
+    pipe.load_lora_weights(path, unet_config=pipe.unet.config): its SD 1.x/2.x pipeline does not pass the config
+    that maps LDM block numbers by itself (its SDXL pipeline does), and diffusers 0.42 fails on resnet layers in
+    input/output blocks 10 and 11 of SD's layout (it takes them for block 1); ComfyUI and A1111 read those."""
+    out = {}
+    for key, A in state.items():
+        if key.endswith(".lora_A.weight"):
+            name = key[len("unet."):-len(".lora_A.weight")]
+            kohya = "lora_unet_" + ldm_unet_name(name, unet).replace(".", "_")
+            out[f"{kohya}.lora_down.weight"] = A
+            out[f"{kohya}.lora_up.weight"] = state[f"unet.{name}.lora_B.weight"]
+            out[f"{kohya}.alpha"] = torch.tensor(float(A.shape[0]))
     return out
 
 
@@ -501,6 +551,7 @@ def main(argv):
                                  f"{grad_accum}, grad_checkpointing {grad_checkpointing})"))
         return mem.peak
     d, micro = start_run(device, init_from, batch_size, grad_accum, seed, out_dir, overwrite)
+    wandb_run = start_wandb(config, d)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32  # the frozen UNet
 
     # --- data: n (prompt, noise seed) examples per epoch (epoch_examples), their teacher targets cached
@@ -639,11 +690,12 @@ def main(argv):
                      "skipped": skipped}
             pbar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in stats.items() if k not in ("iter", "epoch")))
             if d.master:
-                append_log(log_path, stats)
+                append_log(log_path, stats, wandb_run)
             t0, seen = time.time(), 0
         if d.master and (it % eval_interval == 0 or it == max_iters):
             validation_grid(unet, loras, vae, scheduler, text, val_prompts, shape, d.device, dtype,
                             os.path.join(out_dir, f"val_{it:06d}.png"))
+            wandb_image(wandb_run, os.path.join(out_dir, f"val_{it:06d}.png"), it)
         if it % ckpt_interval == 0 or it == max_iters:
             save_checkpoint()
     pbar.close()
@@ -654,6 +706,15 @@ def main(argv):
         save_file(lora_state(loras, ema), path + ".tmp")
         os.replace(path + ".tmp", path)
         print(f"saved {path} (StableDiffusionPipeline.load_lora_weights loads it; sample.py --lora={path})")
+        kohya = os.path.join(out_dir, "pytorch_lora_weights_kohya.safetensors")
+        try:
+            save_file(kohya_lora_state(lora_state(loras, ema), unet), kohya + ".tmp")
+            os.replace(kohya + ".tmp", kohya)
+            print(f"saved {kohya} (the same adaptor for ComfyUI and A1111)")
+        except ValueError as e:  # a UNet without an LDM layout: the diffusers file above is the adaptor
+            print(f"no {kohya}: {e}")
+    if wandb_run is not None:
+        wandb_run.finish()
     if d.ddp:
         torch.distributed.destroy_process_group()
 

@@ -8,12 +8,16 @@ Images go in order of image id, each converted to RGB, center-cropped to a squar
 with LANCZOS. A missing or unreadable image is skipped and listed, never written as a wrong row.
 An interrupted run continues where it stopped when rerun with the same settings (<split>_progress.json);
 the final files appear only when all is done. resolution=0 writes the captions of every listed image
-and no images file, without reading the images folder (e.g. the prompts of an FID set).
+and no images file, without reading the images folder (e.g. the prompts of an FID set). prompts=N writes
+only <split>_prompts_<N>_seed<seed>.txt, N captions drawn by a fixed rule (draw_prompts), and its sha256.
 
     python prepare_coco.py --annotations=/data/coco/annotations/captions_train2017.json --images=/data/coco/train2017
     python prepare_coco.py --annotations=/data/coco/annotations/captions_val2017.json --images=/data/coco/val2017 \\
         --split=val --resolution=256 --limit=5000
+    python prepare_coco.py --annotations=/data/coco/annotations/captions_val2014.json --out=data/coco2014val-256 \\
+        --split=val --prompts=30000   # config/coco30k_gigagan_eval.py's captions
 """
+import hashlib
 import json
 import os
 import sys
@@ -32,6 +36,8 @@ split = "train"  # split name written: <split>_images.u8, <split>_captions.jsonl
 resolution = 512  # side of the square images, a multiple of 8; 0 = captions only
 workers = 8  # processes decoding and resizing images
 limit = 0  # 0 = all images; else the first N by image id (an FID-5k subset, a quick test)
+prompts = 0  # > 0: only write this many captions, one per image, to <out>/<split>_prompts_<N>_seed<seed>.txt
+seed = 0  # of the prompts draw
 # -----------------------------------------------------------------------------
 
 PROGRESS_EVERY = 1000  # images between two saves of <split>_progress.json
@@ -60,6 +66,18 @@ def load_coco(path, limit):
     if len(items) < len(coco["images"]):
         print(f"{len(coco['images']) - len(items)} images without captions left out")
     return items[:limit] if limit else items
+
+
+def draw_prompts(items, n, seed):
+    """n captions for an FID set, by a rule anyone can redo. rng = numpy's RandomState(seed) (a stream numpy keeps
+    fixed across versions); rng.choice(N, n, replace=False) picks n of the N captioned images (listed in order of
+    image id); they are kept in order of id, and for each in turn rng.randint(k) picks one of its k captions (in
+    the annotation file's order); runs of whitespace, newlines too, become one space."""
+    if not 0 < n <= len(items):
+        raise SystemExit(f"prepare_coco: prompts={n}, but there are {len(items)} captioned images")
+    rng = np.random.RandomState(seed)
+    chosen = sorted(rng.choice(len(items), n, replace=False).tolist())
+    return [" ".join(items[k][2][rng.randint(len(items[k][2]))].split()) for k in chosen]
 
 
 def load_image(path, resolution):
@@ -149,6 +167,19 @@ def main(argv):
                          "0 = captions only")
     if cfg["workers"] < 1 or cfg["limit"] < 0:
         raise SystemExit(f"prepare_coco: workers must be >= 1 and limit >= 0 (got {cfg['workers']}, {cfg['limit']})")
+    if cfg["prompts"]:  # an FID set's captions only: the images folder is not read
+        lines = draw_prompts(load_coco(cfg["annotations"], cfg["limit"]), cfg["prompts"], cfg["seed"])
+        path = os.path.join(out, f"{split}_prompts_{cfg['prompts']}_seed{cfg['seed']}.txt")
+        os.makedirs(out, exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+        os.replace(path + ".tmp", path)
+        with open(cfg["annotations"], "rb") as f:
+            source = hashlib.sha256(f.read()).hexdigest()
+        with open(path, "rb") as f:
+            print(f"{path}: {len(lines)} captions, sha256 {hashlib.sha256(f.read()).hexdigest()} "
+                  f"(from {cfg['annotations']}, sha256 {source}, seed {cfg['seed']})")
+        return
     if r and not os.path.isdir(cfg["images"]):
         raise SystemExit(f"prepare_coco: images folder {cfg['images']} not found")
     items = load_coco(cfg["annotations"], cfg["limit"])

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce_mean, atomic_save, autocast, check_config, checked_compile, ddim_sample, decode,
-                    encode_prompts, gather, images_to_tensor, load_checkpoint, load_split, peak_memory_gb, resume_rng,
-                    rng_state, save_grid, save_json, start_run)
+from common import (all_reduce_mean, append_log, atomic_save, autocast, check_config, checked_compile, ddim_sample,
+                    decode, encode_prompts, gather, images_to_tensor, load_checkpoint, load_split, peak_memory_gb,
+                    resume_rng, rng_state, save_grid, save_json, start_log, start_run, start_wandb, wandb_image)
 
 # ----------------------------------------------------------------------------- config
-out_dir = "out/pretrain"  # checkpoints, sample grids, config.json and the final model/ folder
+out_dir = "out/pretrain"  # checkpoints, sample grids, config.json, log.jsonl and the final model/ folder
 data_dir = "data/fmnist"  # prepared data (prepare_fmnist.py / prepare_coco.py)
 init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 overwrite = False  # a scratch run into an out_dir that holds an earlier run: refused unless True
@@ -64,6 +64,9 @@ sample_interval = 1000  # iterations between sample grids (and at the end)
 ckpt_interval = 500
 sample_steps = 25  # DDIM steps for the grid's teacher rows
 sample_guidance = 2.0
+wandb_log = False  # also log log.jsonl's records and the sample grids to wandb (imported only then)
+wandb_project = "one-step"
+wandb_run_name = ""  # '' = wandb's own name
 # system
 device = "auto"  # 'auto', 'cpu', 'cuda'
 compile = False  # torch.compile the trained nets (checked against eager gradients first)
@@ -219,6 +222,8 @@ def main(argv):
                  non_negative=("vae_iters", "iters", "warmup_iters", "weight_decay", "uncond_prob", "ema_decay",
                                "kl_weight"))
     d, micro = start_run(device, init_from, batch_size, grad_accum, seed, out_dir, overwrite)
+    wandb_run = start_wandb(config, d)
+    log_path = start_log(out_dir, init_from, d)
     if d.master:
         os.makedirs(out_dir, exist_ok=True)
         save_json(config, os.path.join(out_dir, "config.json"))
@@ -353,10 +358,13 @@ def main(argv):
             pbar.set_postfix_str(msg.split(" ", 2)[2])
             if d.master:
                 tqdm.write(msg)
+                append_log(log_path, {"iter": it, "vae_l1" if vae_phase else "eps_mse": loss_mean,
+                                      "img_per_s": seen / dt, "peak_mem_gb": peak_memory_gb(d.device)}, wandb_run)
             t0, seen = time.time(), 0
         if d.master and not vae_phase and (it % sample_interval == 0 or it == total):
             sample_grid(ema, vae, tokenizer, scheduler, prompts, 8, os.path.join(out_dir, f"samples_{it:06d}.png"),
                         d.device)
+            wandb_image(wandb_run, os.path.join(out_dir, f"samples_{it:06d}.png"), it, key="samples")
         if it % ckpt_interval == 0 or it == total:
             save_checkpoint()
     pbar.close()
@@ -374,6 +382,8 @@ def main(argv):
             shutil.rmtree(final)
         os.replace(tmp, final)
         print(f"saved {final} (StableDiffusionPipeline.from_pretrained loads it)")
+    if wandb_run is not None:
+        wandb_run.finish()
     if d.ddp:
         torch.distributed.destroy_process_group()
 

@@ -394,3 +394,118 @@ def test_dry_run_estimates_memory_without_weights_and_writes_nothing(tiny_sd, ca
     assert peak("--batch_size=8", "--grad_checkpointing=True") < large  # checkpointing UNet, VAE and DISTS saves
     assert peak("--batch_size=8", "--grad_accum=4") == small  # grad_accum splits the per-GPU batch
     assert not (tmp_path / "out").exists() and not (tmp_path / "out_cache").exists()
+
+
+# ----------------------------------------------------------------------------- ComfyUI / kohya files, wandb
+
+def sd_layout_unet():
+    """SD 1.x/2.x's UNet block structure (3 cross-attention down blocks and a plain one, 2 layers per block)
+    at toy width."""
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(block_out_channels=(32, 32, 64, 64), layers_per_block=2, cross_attention_dim=32,
+                                attention_head_dim=8, sample_size=8)
+
+
+@pytest.mark.parametrize("layout", ["sd", "shipped teacher"])
+def test_ldm_names_are_what_diffusers_single_file_converter_reads(layout):
+    """Every parameter renamed with hipa.ldm_unet_name comes back to its own diffusers name (and value) through
+    diffusers' converter of original LDM checkpoints: the kohya file names the layers A1111/ComfyUI have."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    import os
+    torch.manual_seed(0)
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-sd-fmnist")
+    unet = sd_layout_unet() if layout == "sd" else UNet2DConditionModel.from_config(
+        UNet2DConditionModel.load_config(shipped, subfolder="unet"))
+    state = unet.state_dict()
+    ldm = {}
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        ldm[f"model.diffusion_model.{hipa.ldm_unet_name(module, unet)}.{param}"] = value
+    assert len(ldm) == len(state)  # one LDM name per parameter
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    with pytest.raises(ValueError, match="no LDM name for the UNet layer 'add_embedding.linear_1'"):
+        hipa.ldm_unet_name("add_embedding.linear_1", unet)  # SDXL's: not an SD 1.x/2.x layer
+
+
+@pytest.mark.parametrize("targets", [TARGETS, ("conv1", "conv2")])
+def test_kohya_file_gives_diffusers_the_same_images_as_the_diffusers_file(tiny_sd, sd, tmp_path, targets):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+    loras = hipa.add_lora(sd[3], targets, 4, 8.0)
+    randomise(loras)
+    ours = student_latents(sd)
+    save_file(hipa.lora_state(loras), str(tmp_path / "lora.safetensors"))
+    save_file(hipa.kohya_lora_state(hipa.lora_state(loras), sd[3]), str(tmp_path / "kohya.safetensors"))
+    kohya = load_file(str(tmp_path / "kohya.safetensors"))
+    assert len(kohya) == 3 * len(loras) and all(k.startswith("lora_unet_") for k in kohya)
+    assert all(float(v) == 4 for k, v in kohya.items() if k.endswith(".alpha"))  # rank: scale 1, B holds alpha/r
+    names = {k.split(".")[0] for k in kohya}
+    assert ("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q" in names if targets == TARGETS else
+            "lora_unet_middle_block_2_out_layers_3" in names)  # LDM names, not diffusers'
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = sd[4]
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    latents = []
+    for path, kwargs in ((tmp_path / "lora.safetensors", {}),
+                         (tmp_path / "kohya.safetensors", {"unet_config": pipe.unet.config})):
+        pipe.load_lora_weights(str(path), **kwargs)  # the kohya file goes through diffusers' own converter
+        latents.append(pipe(["a bag", "a sneaker"], latents=x_T, num_inference_steps=1, guidance_scale=2.0,
+                            height=16, width=16, output_type="latent").images)
+        pipe.unload_lora_weights()
+    assert (latents[1] - latents[0]).abs().max() < 1e-5
+    torch.testing.assert_close(latents[1], ours, rtol=1e-5, atol=1e-5)
+
+
+def test_without_wandb_log_wandb_is_never_imported(tiny_sd, captions, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "wandb", None)  # from here on, any `import wandb` raises ImportError
+    out = tmp_path / "off"
+    hipa.main(run_args(tiny_sd, captions, out, "--epochs=1"))
+    assert (out / "log.jsonl").exists()
+    assert (out / "pytorch_lora_weights_kohya.safetensors").exists()  # the ComfyUI file beside the diffusers one
+    with pytest.raises(SystemExit, match=r"wandb_log=True needs the wandb package \(pip install wandb\)"):
+        hipa.main(run_args(tiny_sd, captions, tmp_path / "on", "--wandb_log=True"))
+    assert not (tmp_path / "on").exists()  # one line, before anything is written
+
+
+def wandb_history(run_dir):
+    """The history rows of an offline wandb run, read from its run-*.wandb file: wandb's protobuf records in
+    LevelDB's log framing (32 KiB blocks, 7-byte record headers: crc, length, type 1 full / 2-4 pieces)."""
+    from wandb.proto import wandb_internal_pb2
+    (path,) = run_dir.glob("run-*.wandb")
+    data, pos, record, rows = path.read_bytes(), 7, b"", []  # the file starts with a 7-byte ':W&B' header
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        n, kind = int.from_bytes(data[pos + 4: pos + 6], "little"), data[pos + 6]
+        record, pos = record + data[pos + 7: pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            r = wandb_internal_pb2.Record()
+            r.ParseFromString(record)
+            record = b""
+            if r.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    return rows
+
+
+def test_wandb_log_sends_log_jsonl_records_and_grids_to_an_offline_run(tiny_sd, captions, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+                 "WANDB_CONSOLE": "off"}.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "run"
+    hipa.main(run_args(tiny_sd, captions, out, "--epochs=1", "--eval_interval=1", "--wandb_log=True",
+                       "--wandb_run_name=test"))
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    history = wandb_history(run_dir)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2
+    for record in log:  # log.jsonl's records, each at its iteration
+        (row,) = [r for r in history if r["_step"] == record["iter"] and "loss" in r]
+        assert all(row[k] == v for k, v in record.items()) and {"img_per_s", "peak_mem_gb"} <= row.keys()
+    grids = [r for r in history if r.get("val_grid/_type") == "image-file"]
+    assert [r["_step"] for r in grids] == [1, 2] and (run_dir / "files" / grids[0]["val_grid/path"]).exists()

@@ -183,3 +183,28 @@ def test_resolution_zero_writes_captions_only(coco, tmp_path):
     assert images is None and [r["id"] for r in rows] == sorted(list(GOOD) + list(BAD))  # images are not read
     assert json.loads((out / "meta.json").read_text())["splits"]["train"] == {"N": len(rows), "H": 0, "W": 0}
     assert not (out / "train_images.u8").exists() and (out / "train_skipped.txt").read_text() == ""
+
+
+def test_fid_prompts_are_drawn_by_a_fixed_rule_one_caption_per_image(coco, tmp_path, capsys):
+    import hashlib
+    ann, _ = coco
+    out = tmp_path / "out"
+    run(ann, tmp_path / "no_images_needed", out, prompts=5)  # the images folder is not read
+    path = out / "train_prompts_5_seed0.txt"
+    lines = path.read_text().splitlines()
+    assert os.listdir(out) == [path.name]  # nothing else written
+    assert f"sha256 {hashlib.sha256(path.read_bytes()).hexdigest()}" in capsys.readouterr().out
+    ids = [int(line.rsplit(" ", 1)[1]) for line in lines]  # 'caption k of image i'
+    assert len(lines) == 5 and ids == sorted(set(ids)) and set(ids) <= set(GOOD) | set(BAD)  # 5 images, id order
+    rng = np.random.RandomState(0)  # the rule as written down, redone by hand
+    every = sorted(set(GOOD) | set(BAD))
+    assert lines == [f"caption {rng.randint(3)} of image {every[k]}"
+                     for k in sorted(rng.choice(len(every), 5, replace=False))]
+    first = path.read_bytes()
+    run(ann, tmp_path / "no_images_needed", out, prompts=5)
+    assert path.read_bytes() == first  # the same file every time
+    run(ann, tmp_path / "no_images_needed", out, prompts=5, seed=1)
+    assert (out / "train_prompts_5_seed1.txt").read_text().splitlines() != lines  # the seed is the draw
+    with pytest.raises(SystemExit, match="prompts=10, but there are 9 captioned images"):
+        run(ann, tmp_path / "no_images_needed", tmp_path / "none", prompts=10)
+    assert not (tmp_path / "none").exists()
