@@ -628,7 +628,7 @@ def main(argv):
             prompts = [rows[k]["captions"][torch.randint(len(rows[k]["captions"]), (1,)).item()] for k in idx]
             micros.append((*encode_prompts(tokenizer, text_encoder, prompts, pooled=True),
                            images_to_tensor(images[idx]).to(d.device)))
-        step = {"g_loss": 0.0, "d_loss": 0.0, "logit_real": 0.0, "logit_fake": 0.0}
+        step = dict.fromkeys(("g_loss", "d_loss", "logit_real", "logit_fake", "d_acc_real", "d_acc_fake"), 0.0)
 
         # G step: fresh noise, D fixed
         for p in d_params:
@@ -650,8 +650,11 @@ def main(argv):
             loss = discriminator_loss(fake_logits, real_logits) / grad_accum
             loss.backward()
             step["d_loss"] += loss.item()
+            # the discriminator's health: mean logits and the share of positions it gets right (0.5: chance)
             step["logit_fake"] += torch.cat(fake_logits, 1).mean().item() / grad_accum
             step["logit_real"] += torch.cat(real_logits, 1).mean().item() / grad_accum
+            step["d_acc_fake"] += (torch.cat(fake_logits, 1) < 0).float().mean().item() / grad_accum
+            step["d_acc_real"] += (torch.cat(real_logits, 1) > 0).float().mean().item() / grad_accum
         optimizer_step(opt_d, d_params, d)
 
         # lazy R1 on real images, weighted by the interval

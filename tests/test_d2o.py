@@ -199,6 +199,7 @@ def test_end_to_end_writes_an_ema_unet_that_diffusers_and_sample_load(tiny_sd, r
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 4 and all(np.isfinite(r["g_loss"]) and np.isfinite(r["d_loss"]) for r in log)
     assert [("r1" in r) for r in log] == [False, False, True, False]  # lazy R1 at iterations 2 (0-based)
+    assert all(0 <= r["d_acc_real"] <= 1 and 0 <= r["d_acc_fake"] <= 1 for r in log)  # D's health: shares right
     assert (out / "val_000004.png").exists() and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert not (out / "unet.tmp").exists()
 
