@@ -273,11 +273,17 @@ def start_run(device, init_from, batch_size, grad_accum, seed, out_dir, overwrit
     if init_from == "resume" and not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
         raise SystemExit(f"resume error: no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}")
     d = setup_ddp(device)
-    if batch_size % (grad_accum * d.world_size):
-        raise SystemExit(f"config error: batch_size {batch_size} must divide by grad_accum * world size "
-                         f"({grad_accum} * {d.world_size})")
+    micro = micro_batch(batch_size, grad_accum, d.world_size)
     torch.manual_seed(seed * d.world_size + d.rank)
-    return d, batch_size // (grad_accum * d.world_size)
+    return d, micro
+
+
+def micro_batch(batch_size, grad_accum, ranks, ranks_name="world size"):
+    """The per-rank micro-batch batch_size / (grad_accum * ranks) that keeps the global batch, or one clear line."""
+    if batch_size % (grad_accum * ranks):
+        raise SystemExit(f"config error: batch_size {batch_size} must divide by grad_accum * {ranks_name} "
+                         f"({grad_accum} * {ranks})")
+    return batch_size // (grad_accum * ranks)
 
 
 def gather(obj, d):

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from common import (Dist, all_finite, all_reduce_mean, append_log, atomic_save, autocast, check_config,
-                    checked_compile, ddim_sample, decode, encode_prompts, estimate_memory, fp32_output, gather,
-                    images_to_tensor, latent_shape, load_checkpoint, load_sd, load_split, memory_report, one_step_x0,
+from common import (Dist, all_finite, all_reduce_mean, append_log, atomic_save, autocast, check_config, checked_compile,
+                    ddim_sample, decode, encode_prompts, estimate_memory, fp32_output, gather, images_to_tensor,
+                    latent_shape, load_checkpoint, load_sd, load_split, memory_report, micro_batch, one_step_x0,
                     peak_memory_gb, require_finite, resume_rng, rng_state, save_grid, save_json, sd_from_configs,
                     seeded_noise, start_log, start_run, start_wandb, stop_if_diverged, wandb_image)
 
@@ -524,10 +524,7 @@ def main(argv):
                                    "eval_interval", "ckpt_interval", "max_nonfinite"),
                  non_negative=("r1_gamma", "ema_rampup", "num_val_prompts"))
     if dry_run:
-        micro = batch_size // (grad_accum * dry_run_gpus)
-        if micro < 1 or batch_size % (grad_accum * dry_run_gpus):
-            raise SystemExit(f"config error: batch_size {batch_size} must divide by grad_accum * dry_run_gpus "
-                             f"({grad_accum} * {dry_run_gpus})")
+        micro = micro_batch(batch_size, grad_accum, dry_run_gpus, "dry_run_gpus")
         meta = os.path.join(data_dir, "meta.json")  # the real images' stored size, if prepared already
         real_size = json.load(open(meta))["splits"].get(split, {}).get("H", 0) if os.path.exists(meta) else 0
         mem = estimate_step_memory(micro, real_size)

@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from common import (all_finite, all_reduce_mean, append_log, atomic_save, autocast, check_config, checked_compile,
                     ddim_sample, decode, encode_prompts, estimate_memory, fetch, fp32_output, gather, latent_shape,
-                    load_checkpoint, load_sd, load_split, memory_report, one_step_x0, peak_memory_gb, require_finite,
-                    resume_rng, rng_state, save_grid, save_json, sd_from_configs, seeded_noise, start_log, start_run,
-                    start_wandb, stop_if_diverged, wandb_image)
+                    load_checkpoint, load_sd, load_split, memory_report, micro_batch, one_step_x0, peak_memory_gb,
+                    require_finite, resume_rng, rng_state, save_grid, save_json, sd_from_configs, seeded_noise,
+                    start_log, start_run, start_wandb, stop_if_diverged, wandb_image)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
@@ -542,10 +542,7 @@ def main(argv):
     if ema_decay >= 1:
         raise SystemExit(f"config error: ema_decay must be < 1, got {ema_decay}")
     if dry_run:
-        micro = batch_size // (grad_accum * dry_run_gpus)
-        if micro < 1 or batch_size % (grad_accum * dry_run_gpus):
-            raise SystemExit(f"config error: batch_size {batch_size} must divide by grad_accum * dry_run_gpus "
-                             f"({grad_accum} * {dry_run_gpus})")
+        micro = micro_batch(batch_size, grad_accum, dry_run_gpus, "dry_run_gpus")
         mem = estimate_step_memory(micro)
         print(memory_report(mem, f"one HiPA step at {micro} image(s) per GPU ({dry_run_gpus} GPUs, grad_accum "
                                  f"{grad_accum}, grad_checkpointing {grad_checkpointing})"))
@@ -703,12 +700,13 @@ def main(argv):
         from safetensors.torch import save_file
         require_finite(ema if ema is not None else params, "the adaptor")
         path = os.path.join(out_dir, "pytorch_lora_weights.safetensors")
-        save_file(lora_state(loras, ema), path + ".tmp")
+        state = lora_state(loras, ema)
+        save_file(state, path + ".tmp")
         os.replace(path + ".tmp", path)
         print(f"saved {path} (StableDiffusionPipeline.load_lora_weights loads it; sample.py --lora={path})")
         kohya = os.path.join(out_dir, "pytorch_lora_weights_kohya.safetensors")
         try:
-            save_file(kohya_lora_state(lora_state(loras, ema), unet), kohya + ".tmp")
+            save_file(kohya_lora_state(state, unet), kohya + ".tmp")
             os.replace(kohya + ".tmp", kohya)
             print(f"saved {kohya} (the same adaptor for ComfyUI and A1111)")
         except ValueError as e:  # a UNet without an LDM layout: the diffusers file above is the adaptor
