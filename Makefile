@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 # don't pull a multi-GB CUDA build. With a GPU, install the torch you want before `make install`.
 TORCH   := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: install install-test test test-gpu demo demo-d2o data teacher clean
+.PHONY: install install-test test test-gpu demo demo-d2o demo-tasks data teacher clean
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -58,16 +58,51 @@ demo: data
 	$(SAMPLE) --steps=1 --lora=$(LORA) --out_dir=$(DEMO)/hipa-1step
 	$(SAMPLE) --lora=$(LORA) --compare=True --out_dir=$(DEMO)
 	@if [ -d $(D2O_UNET) ]; then $(SAMPLE) --steps=1 --guidance=1 --unet=$(D2O_UNET) --out_dir=$(DEMO)/d2o-1step; \
-		else rm -rf $(DEMO)/d2o-1step; echo "D2O: no $(D2O_UNET) yet; 'make demo-d2o' trains it (about 25 min)"; fi
+		else rm -rf $(DEMO)/d2o-1step; echo "D2O: no $(D2O_UNET) yet; 'make demo-d2o' trains it (about 25 min on 2 cores)"; fi
 	$(PY) eval_fid.py --gen=$(DEMO)/teacher-15step,$(DEMO)/base-1step,$(DEMO)/hipa-1step$(shell [ -d $(D2O_UNET) ] && echo ,$(DEMO)/d2o-1step) \
 		--paired=$(DEMO)/teacher-15step --out=$(DEMO)/metrics.json
 	@echo "pictures: $(DEMO)/compare.png (rows: teacher 15-step | base 1-step | HiPA 1-step),"
 	@echo "          $(DEMO)/metrics_spectrum.png, out/hipa-fmnist/val_*.png"
 	@echo "numbers:  $(DEMO)/metrics.json (the table above), out/hipa-fmnist/log.jsonl"
 
-# D2O on the tiny teacher (about 25 minutes on 2 CPU cores); `make demo` then adds it to its table.
+# D2O on the tiny teacher (400 steps at ~3.3 s each, ~23 minutes, with a learning curve in out/d2o-fmnist/curve.png);
+# `make demo` then adds it to its table.
 demo-d2o: data
 	$(PY) d2o.py config/fmnist_d2o.py --overwrite=True
+
+# HiPA's other tasks (paper 4.2-4.4) on the tiny task teachers in assets/, each on the same 500 Fashion-MNIST test
+# images: editing (SDEdit at strength $(STRENGTH) with the t2i model and its adaptor, trained first if absent),
+# inpainting (the paper's 50% peripheral mask), x4 super-resolution (8 -> 32). Per task: teacher 15 and 25 steps,
+# base 1 step, HiPA 1 step, evaluated against the test set (FID, caption accuracy) and the ground truth (RMSE).
+TASKS := out/demo-tasks
+COMMA := ,
+STRENGTH := 0.6
+LORA_INPAINT := out/hipa-fmnist-inpaint/pytorch_lora_weights.safetensors
+LORA_X4 := out/hipa-fmnist-x4/pytorch_lora_weights.safetensors
+TSAMPLE := $(PY) sample.py --skip_existing=False --grid=False --batch_size=100 --guidance=2.0
+# $(call task_table,OUT,MODEL ARGS,INPUTS,LORA,GROUND TRUTH[,BASELINE FOLDER + ','])
+# The table's first row is the ground truth itself: the floor of FID(fmnist-clf) at 500 images.
+define task_table
+	$(TSAMPLE) $(2) --init_images=$(3) --steps=15 --out_dir=$(1)/teacher-15step
+	$(TSAMPLE) $(2) --init_images=$(3) --steps=25 --out_dir=$(1)/teacher-25step
+	$(TSAMPLE) $(2) --init_images=$(3) --steps=1 --out_dir=$(1)/base-1step
+	$(TSAMPLE) $(2) --init_images=$(3) --steps=1 --lora=$(4) --out_dir=$(1)/hipa-1step
+	$(TSAMPLE) $(2) --init_images=$(3) --lora=$(4) --compare=True --teacher_steps=25 --out_dir=$(1)
+	$(PY) eval_fid.py --gen=$(5),$(6)$(1)/teacher-15step,$(1)/teacher-25step,$(1)/base-1step,$(1)/hipa-1step \
+		--paired=$(5) --out=$(1)/metrics.json
+endef
+demo-tasks: data
+	@[ -f $(LORA) ] || $(PY) hipa.py config/fmnist_hipa.py --overwrite=True
+	$(PY) hipa.py config/fmnist_hipa_inpaint.py --overwrite=True
+	$(PY) hipa.py config/fmnist_hipa_x4.py --overwrite=True
+	$(PY) -c 'import common; common.export_split("data/fmnist", "test", 500, "$(TASKS)/truth"); \
+		common.export_split("data/fmnist", "test", 500, "$(TASKS)/low-res", factor=4); \
+		common.export_split("data/fmnist", "test", 500, "$(TASKS)/bicubic", factor=4, bicubic_up=True)'
+	$(call task_table,$(TASKS)/edit,--model=assets/tiny-sd-fmnist --strength=$(STRENGTH),$(TASKS)/truth,$(LORA),$(TASKS)/truth)
+	$(call task_table,$(TASKS)/inpaint,--model=assets/tiny-sd-fmnist-inpaint --mask=periphery,$(TASKS)/truth,$(LORA_INPAINT),$(TASKS)/truth)
+	$(call task_table,$(TASKS)/x4,--model=assets/tiny-sd-fmnist-x4,$(TASKS)/low-res,$(LORA_X4),$(TASKS)/truth,$(TASKS)/bicubic$(COMMA))
+	@echo "tables: $(TASKS)/{edit,inpaint,x4}/metrics.json; grids: $(TASKS)/{edit,inpaint,x4}/compare.png"
+	@echo "        (rows: input | teacher 25-step | base 1-step | HiPA 1-step)"
 
 clean:
 	rm -rf out

@@ -16,6 +16,7 @@ from collections import namedtuple
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
@@ -173,12 +174,17 @@ def predict_x0_eps(model_out, x_t, alpha_bar, prediction_type):
     raise SystemExit(f"model error: prediction_type '{prediction_type}' is not supported (epsilon, v_prediction)")
 
 
-def guided_unet(unet, x, t, cond, uncond, guidance):
+def guided_unet(unet, x, t, cond, uncond, guidance, image_input=None, class_labels=None):
     """UNet output (fp32) with classifier-free guidance: uncond + w (cond - uncond), both in one batched call.
-    guidance <= 1 (or uncond None) is a plain conditional call."""
+    guidance <= 1 (or uncond None) is a plain conditional call. The inpainting and x4 tasks (task_input) add
+    image_input, channels appended to the latents (mask + masked-image latents, or the noised low-res image),
+    and class_labels (the x4's noise level); guidance repeats them for the unconditional half."""
+    if image_input is not None:
+        x = torch.cat([x, image_input.to(x.dtype)], 1)
     if uncond is None or guidance == 1:
-        return unet(x, t, encoder_hidden_states=cond).sample.float()
-    out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
+        return unet(x, t, encoder_hidden_states=cond, class_labels=class_labels).sample.float()
+    labels = None if class_labels is None else torch.cat([class_labels, class_labels])
+    out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond]), class_labels=labels).sample.float()
     out_uncond, out_cond = out.chunk(2)  # combined in fp32: under bf16 autocast the difference would be rounded
     return out_uncond + guidance * (out_cond - out_uncond)
 
@@ -189,24 +195,40 @@ def seeded_noise(indices, shape, base_seed):
                         for k in indices])
 
 
-def one_step_x0(unet, scheduler, x_T, cond, uncond, w):
+def one_step_x0(unet, scheduler, x_T, cond, uncond, w, image_input=None, class_labels=None):
     """The one-step generator of both methods, in latent space: one guided UNet call at t = T-1 (999 for SD)
     from pure noise, then the x0 formula of the model's prediction type."""
     t = scheduler.config.num_train_timesteps - 1
-    out = guided_unet(unet, x_T.to(cond.dtype), t, cond, uncond, w)
+    out = guided_unet(unet, x_T.to(cond.dtype), t, cond, uncond, w, image_input, class_labels)
     return predict_x0_eps(out, x_T, scheduler.alphas_cumprod[t], scheduler.config.prediction_type)[0]
 
 
 @torch.no_grad()
-def ddim_sample(unet, scheduler, x_T, cond, uncond, steps, guidance):
+def ddim_sample(unet, scheduler, x_T, cond, uncond, steps, guidance, image_input=None, class_labels=None,
+                init_latents=None, strength=1.0):
     """Deterministic DDIM (eta 0) from x_T to x0 latents with diffusers' own DDIMScheduler.step, so that it
     equals StableDiffusionPipeline with the same scheduler. With the scheduler from load_sd (trailing spacing,
-    final alpha 1) steps=1 is exactly the one-step x0 at t=T-1, and the last step of N lands on x0."""
+    final alpha 1) steps=1 is exactly the one-step x0 at t=T-1, and the last step of N lands on x0.
+    Editing (SDEdit, strength < 1): init_latents noised with x_T to t = strength x T by the model's schedule,
+    then `steps` DDIM steps spaced (trailing) below it; steps=1 is one UNet call returning x0. diffusers' step
+    assumes its own spacing T / steps, so these steps apply the same DDIM update (eta 0) themselves."""
     scheduler.set_timesteps(steps)
     x = x_T.float()
-    for t in scheduler.timesteps:
-        out = guided_unet(unet, x.to(unet.dtype), t.to(x.device), cond, uncond, guidance)
-        x = scheduler.step(out.float(), t, x).prev_sample
+    if init_latents is None and strength == 1:
+        for t in scheduler.timesteps:
+            out = guided_unet(unet, x.to(unet.dtype), t.to(x.device), cond, uncond, guidance, image_input,
+                              class_labels)
+            x = scheduler.step(out.float(), t, x).prev_sample
+        return x
+    start = strength * scheduler.config.num_train_timesteps
+    timesteps = [int(round(start - i * start / steps)) - 1 for i in range(steps)] + [-1]  # -1: x0 (alpha 1)
+    a = lambda t: scheduler.alphas_cumprod[t].to(x.device) if t >= 0 else torch.tensor(1.0, device=x.device)
+    x = a(timesteps[0]).sqrt() * init_latents.float() + (1 - a(timesteps[0])).sqrt() * x  # q(x_t | x_0)
+    for t, t_prev in zip(timesteps, timesteps[1:]):
+        out = guided_unet(unet, x.to(unet.dtype), torch.tensor(t, device=x.device), cond, uncond, guidance,
+                          image_input, class_labels)
+        x0, eps = predict_x0_eps(out, x, a(t), scheduler.config.prediction_type)
+        x = a(t_prev).sqrt() * x0 + (1 - a(t_prev)).sqrt() * eps
     return x
 
 
@@ -219,13 +241,133 @@ def latent_shape(vae, unet, height=0, width=0):
     if height % multiple or width % multiple:
         raise SystemExit(f"config error: image size {height}x{width} must be a multiple of {multiple} for this model "
                          f"(VAE factor {factor} x UNet downsampling)")
-    return unet.config.in_channels, height // factor, width // factor
+    return unet.config.out_channels, height // factor, width // factor  # (the inpainting UNet takes 9 in)
 
 
 def decode(vae, latents):
     """Latents (scaled as the UNet sees them) -> images in [0, 1], decoded in the VAE's dtype, returned fp32."""
     z = latents / vae.config.scaling_factor
     return (vae.decode(z.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
+def encode(vae, images):
+    """Images in [-1, 1] -> latents scaled as the UNet sees them (the posterior mean: deterministic), fp32."""
+    return vae.encode(images.to(vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+
+
+# ----------------------------------------------------------------------------- tasks: editing, inpainting, x4
+# The pipeline kind follows from the model: the UNet's input channels, as diffusers' pipelines lay them out.
+# t2i (StableDiffusionPipeline, 4 = latents), inpaint (StableDiffusionInpaintPipeline, 9 = latents + mask at
+# latent size + latents of the masked image), upscale (StableDiffusionUpscalePipeline, 7 = latents + the low-res
+# RGB image noised to noise_level, which also enters as the class label). Editing uses a t2i model (SDEdit).
+
+TASKS = {4: "t2i", 9: "inpaint", 7: "upscale"}
+PIPELINES = {"t2i": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline",
+             "upscale": "StableDiffusionUpscalePipeline"}
+LOW_RES_NOISE_SEED = 10**8  # item k's low-res noise (x4) uses seed base_seed + LOW_RES_NOISE_SEED + k
+
+
+def model_task(unet, path=None):
+    """'t2i', 'inpaint' or 'upscale' from the UNet's input channels; a local model_index.json that names another
+    pipeline is one clear error."""
+    task = TASKS.get(unet.config.in_channels)
+    if task is None:
+        raise SystemExit(f"model error: a UNet with {unet.config.in_channels} input channels is none of "
+                         f"t2i (4), inpainting (9), x4 upscaling (7)")
+    index = os.path.join(path, "model_index.json") if path and os.path.isdir(path) else None
+    if index and os.path.exists(index):
+        with open(index) as f:
+            kind = json.load(f).get("_class_name")
+        if kind in PIPELINES.values() and kind != PIPELINES[task]:
+            raise SystemExit(f"model error: {path} is a {kind} but its UNet takes {unet.config.in_channels} "
+                             f"input channels ({PIPELINES[task]})")
+    return task
+
+
+def load_low_res_scheduler(path):
+    """The x4 upscaler's low_res_scheduler (DDPM), which noises the low-res input to noise_level."""
+    from diffusers import DDPMScheduler
+    try:
+        return DDPMScheduler.from_pretrained(os.path.expanduser(path), subfolder="low_res_scheduler")
+    except OSError as e:
+        raise SystemExit(f"model error: cannot load the low_res_scheduler of '{path}' (an x4 upscaler has one): "
+                         f"{str(e).splitlines()[0]}")
+
+
+def make_mask(kind, n, height, width):
+    """(n, 1, H, W) inpainting masks, 1 = repaint, 0 = keep (diffusers' convention). 'periphery': the paper's,
+    50% of the pixels masked around a kept centre square of side H / sqrt(2); 'center': its complement (the
+    centre repainted); else a PNG path (white = repaint), resized (nearest) to the images' size."""
+    if kind in ("periphery", "center"):
+        side_h, side_w = round(height / math.sqrt(2)), round(width / math.sqrt(2))
+        top, left = (height - side_h) // 2, (width - side_w) // 2
+        mask = torch.ones(1, 1, height, width)
+        mask[..., top: top + side_h, left: left + side_w] = 0
+        return (mask if kind == "periphery" else 1 - mask).expand(n, -1, -1, -1).clone()
+    from PIL import Image
+    if not os.path.isfile(kind):
+        raise SystemExit(f"config error: mask must be 'periphery', 'center' or a PNG file, and {kind} is no file")
+    try:
+        img = Image.open(kind).convert("L").resize((width, height), Image.NEAREST)
+    except OSError as e:
+        raise SystemExit(f"config error: mask {kind} is not an image ({e})")
+    return torch.from_numpy((np.array(img) > 127).astype(np.float32))[None, None].expand(n, -1, -1, -1).clone()
+
+
+def inpaint_input(vae, images, mask):
+    """The inpainting UNet's extra channels, as StableDiffusionInpaintPipeline makes them: the mask resized
+    (nearest) to the latents' size, then the latents of the masked image (images in [-1, 1], masked pixels 0)."""
+    masked_latents = encode(vae, images * (mask < 0.5))
+    return torch.cat([F.interpolate(mask.float(), size=masked_latents.shape[-2:]), masked_latents], 1)
+
+
+def upscale_input(low_res_scheduler, low_res, noise, noise_level):
+    """The x4 UNet's extra channels and class labels, as StableDiffusionUpscalePipeline makes them: the low-res
+    image in [-1, 1] noised to noise_level by low_res_scheduler (the noise augmentation it was trained with),
+    and noise_level itself as the class label."""
+    labels = torch.full((len(low_res),), int(noise_level), dtype=torch.long, device=low_res.device)
+    return low_res_scheduler.add_noise(low_res.float(), noise.float(), labels), labels
+
+
+def task_input(task, vae, images, indices, base_seed, mask=None, low_res_scheduler=None, noise_level=20,
+               strength=1.0):
+    """What a task adds to the one generation path (keyword arguments of ddim_sample), for input images
+    (B, 3, H, W) in [-1, 1] that are items `indices`: inpaint: the mask and masked-image channels; upscale: the
+    noised low-res image (item k's noise from seed base_seed + LOW_RES_NOISE_SEED + k) and its noise level;
+    t2i (editing): the images' latents, noised to t = strength x T by ddim_sample."""
+    if task == "inpaint":
+        return {"image_input": inpaint_input(vae, images, mask)}
+    if task == "upscale":
+        noise = seeded_noise(indices, images.shape[1:], base_seed + LOW_RES_NOISE_SEED).to(images.device)
+        image_input, labels = upscale_input(low_res_scheduler, images, noise, noise_level)
+        return {"image_input": image_input, "class_labels": labels}
+    return {"init_latents": encode(vae, images), "strength": strength}
+
+
+def downsample(images, factor):
+    """Images (B, C, H, W) -> H / factor: an antialiased bicubic resize (the x4 task's low-res inputs)."""
+    h, w = images.shape[-2:]
+    return F.interpolate(images.float(), size=(h // factor, w // factor), mode="bicubic", antialias=True).clamp(-1, 1)
+
+
+def export_split(data_dir, split, n, out_dir, factor=1, bicubic_up=False):
+    """The first n images of a prepared split as out_dir/{i:06d}.png (downsampled by `factor`, antialiased
+    bicubic, as the x4 task's low-res inputs) with metadata.jsonl (file_name, prompt: the first caption): inputs
+    for sample.py --init_images and ground truth for eval_fid.py --paired. bicubic_up: the low-res images
+    upsampled back (bicubic), the no-model baseline of super-resolution."""
+    images, rows = load_split(data_dir, split)
+    if n > len(rows):
+        raise SystemExit(f"data error: {data_dir} {split} has {len(rows)} images, fewer than {n}")
+    from PIL import Image
+    os.makedirs(out_dir, exist_ok=True)
+    x = images_to_tensor(images[:n])
+    x = downsample(x, factor) if factor > 1 else x
+    x = F.interpolate(x, scale_factor=factor, mode="bicubic").clamp(-1, 1) if bicubic_up else x
+    arr = ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    for i, a in enumerate(arr):
+        Image.fromarray(a).save(os.path.join(out_dir, f"{i:06d}.png"))
+    write_jsonl([{"file_name": f"{i:06d}.png", "prompt": rows[i]["captions"][0]} for i in range(n)],
+                os.path.join(out_dir, "metadata.jsonl"))
 
 
 # ----------------------------------------------------------------------------- distributed, devices

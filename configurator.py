@@ -101,7 +101,7 @@ def configure(g, argv, print_config=True):
             except OSError as e:
                 raise SystemExit(f"config error: cannot read config file {arg} ({e.strerror})")
             updates = {}
-            exec(compile(source, arg, "exec"), {}, updates)
+            exec(compile(source, arg, "exec"), {"__file__": arg}, updates)  # (__file__: to include a base config)
             updates = {k: v for k, v in updates.items() if not k.startswith("_") and not isinstance(v, type(sys))}
         for key, value in updates.items():
             if key not in keys:

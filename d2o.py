@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+from efficientnet_lite import EfficientNetLite0, load_lite0
+
 from common import (Dist, all_finite, all_reduce_mean, append_log, atomic_save, autocast, check_config, checked_compile,
                     ddim_sample, decode, encode_prompts, estimate_memory, fp32_output, gather, images_to_tensor,
                     latent_shape, load_checkpoint, load_sd, load_split, memory_report, micro_batch, one_step_x0,
@@ -47,9 +49,13 @@ overwrite = False  # a scratch run into an out_dir that holds an earlier run: re
 resolution = 0  # generator image size; 0 = the model's native size (real images may have another size)
 # generator
 freeze = 1  # D2O-F level (FREEZE_LEVELS): 0 = full D2O, 1 = freeze convs + attention out/ff, 2 = + q/k/v, 3 = + skip
+freeze_ff = True  # levels >= 1 also freeze the transformers' feed-forward and proj_in/proj_out (no EDM counterpart)
 guidance = 1.0  # classifier-free guidance of the one-step generator; 1 = a plain conditional call (the paper uses none)
 # discriminator
-backbones = ("teacher_unet",)  # feature networks: transformers EfficientNet/DeiT/ViT (hub id, folder) or 'teacher_unet'
+backbones = ("lite0",)  # feature networks: 'lite0' (the official EfficientNet-Lite0, offline), transformers
+# EfficientNet/DeiT/ViT (hub id or folder), or 'teacher_unet' (the frozen teacher's own encoder)
+lite0_size = 224  # 'lite0': images are resized to this side (the paper: 224)
+joint_batch = True  # the heads see real and fake as ONE batch (shared BatchNorm statistics); False: two calls
 offline_fallback = True  # a backbone that cannot be loaded is replaced by 'teacher_unet' (announced); False: stop
 unet_feature_t = 50  # 'teacher_unet': timestep at which the frozen UNet encoder sees the image's latent (small noise)
 proj_channels = 64  # CCM widths 64/128/256/512 at the four scales (Projected GAN's cout, expand=True)
@@ -69,6 +75,10 @@ max_nonfinite = 10  # this many consecutive steps with a non-finite G or D loss 
 log_interval = 10
 eval_interval = 200  # validation grid every this many iterations (and at the end)
 ckpt_interval = 100
+curve_interval = 0  # learning curve: every this many iterations (and at the end), the EMA UNet's one-step samples
+curve_sample_config = "config/fmnist_sample.py"  # ... made by sample.py with this config (its prompts, seeds)
+curve_per_prompt = 50  # ... this many per prompt, evaluated by eval_fid.py against data_dir's test split -> curve.jsonl
+curve_cache_dir = "out/eval_cache"  # eval_fid.py's cache (the reference statistics, the Fashion-MNIST classifier)
 num_val_prompts = 10
 teacher_steps = 25  # the grid's teacher column: DDIM steps and guidance
 teacher_guidance = 2.0
@@ -124,14 +134,17 @@ def param_kind(name):
     return "other"
 
 
-def freeze_unet(unet, level):
-    """requires_grad per D2O-F level. Returns {kind: [parameters, frozen]}."""
+def freeze_unet(unet, level, ff=True):
+    """requires_grad per D2O-F level; ff=False keeps the feed-forward and proj_in/proj_out layers trainable
+    (EDM's blocks have none: the official rule freezes only convs and the attention out-projection).
+    Returns {kind: [parameters, frozen]}."""
     if level not in FREEZE_LEVELS:
         raise SystemExit(f"config error: freeze must be 0 (full D2O), 1, 2 or 3, not {level!r}")
+    frozen_kinds = [k for k in FREEZE_LEVELS[level] if ff or k not in ("ff", "proj_io")]
     stats = {}
     for name, p in unet.named_parameters():
         kind = param_kind(name)
-        p.requires_grad_(kind not in FREEZE_LEVELS[level])
+        p.requires_grad_(kind not in frozen_kinds)
         s = stats.setdefault(kind, [0, 0])
         s[0] += p.numel()
         s[1] += 0 if p.requires_grad else p.numel()
@@ -163,11 +176,29 @@ def resize(images, size):
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+class Lite0Features(nn.Module):
+    """The official code's first backbone, offline: ImageNet EfficientNet-Lite0 (efficientnet_lite.py, timm's
+    tf_efficientnet_lite0). Images in [-1, 1] -> [0, 1] (the network applies its own (x - 0.5) / 0.5) -> resized
+    to `size` -> the outputs of stages 1, 2, 4, 6: 24/40/112/320 channels at strides 4, 8, 16, 32.
+    configs_only: the architecture with random weights (for dry_run's memory estimate)."""
+
+    def __init__(self, size, device, configs_only=False):
+        super().__init__()
+        if configs_only:
+            with torch.device(device):
+                self.net = EfficientNetLite0().requires_grad_(False).eval()
+        else:
+            self.net = load_lite0(device)
+        self.input_size = size
+
+    def forward(self, x):
+        return self.net.features(resize((x + 1) / 2, self.input_size))
+
+
 class PretrainedFeatures(nn.Module):
-    """A frozen ImageNet network from transformers. The official code uses timm's EfficientNet-lite0 and
-    DeiT-B distilled; transformers has no lite0, so EfficientNet-B0 (google/efficientnet-b0: same four tap
-    widths 24/40/112/320, adds squeeze-excite) and the same DeiT (facebook/deit-base-distilled-patch16-224).
-    Images in [-1, 1] -> [0, 1] -> the network's own normalisation -> resized to its input size (224).
+    """A frozen ImageNet network from transformers: the official DeiT-B distilled
+    (facebook/deit-base-distilled-patch16-224), or an EfficientNet / ViT. (The official EfficientNet-Lite0 is
+    'lite0', Lite0Features: transformers has no Lite variant.) Images in [-1, 1] -> [0, 1] -> the network's own normalisation -> resized to its input size (224).
     EfficientNet: the last block at strides 4, 8, 16, 32. ViT/DeiT: tokens of blocks L/4, L/2, 3L/4, L (2, 5,
     8, 11 of 12), prefix tokens dropped, as (B, D, 14, 14) maps (brought to 4 scales in the Projector)."""
 
@@ -199,7 +230,7 @@ class PretrainedFeatures(nn.Module):
 
 
 class TeacherUNetFeatures(nn.Module):
-    """The offline feature network (needs no download): the frozen teacher's own encoder. Image -> VAE latent
+    """'teacher_unet', an alternative offline feature network: the frozen teacher's own encoder. Image -> VAE latent
     (posterior mean) noised to timestep t -> conv_in, down blocks, mid block, with the empty prompt as context
     (the condition enters through the heads, as with the ImageNet backbones). Four taps evenly spaced along
     the encoder's depth: conv_in's output ... the mid block's output. A model trained on this very domain,
@@ -315,10 +346,10 @@ class ProjectedDiscriminator(nn.Module):
                 proj = Projector([f.shape[1] for f in feats], cout, feats[0].shape[1] if getattr(net, "vit", False)
                                  else None)
                 maps = proj(feats)
-            end = 8 if maps[-1].shape[-1] >= 8 else nearest_size(maps[-1].shape[-1])
             self.projectors.append(proj.requires_grad_(False))
-            with torch.device(device):
-                self.heads.append(nn.ModuleList(Head(m.shape[1], m.shape[-1], end, text_dim, cmap_dim) for m in maps))
+            with torch.device(device):  # Projected GAN's end_sz = 8; a map already smaller gets the final conv only
+                self.heads.append(nn.ModuleList(Head(m.shape[1], m.shape[-1], min(8, nearest_size(m.shape[-1])),
+                                                     text_dim, cmap_dim) for m in maps))
         self.train()
 
     def train(self, mode=True):  # the feature module stays in eval mode whatever D is asked (frozen BatchNorms)
@@ -326,9 +357,28 @@ class ProjectedDiscriminator(nn.Module):
         self.backbones.eval(), self.projectors.eval()
         return self
 
+    def features(self, images):
+        """The frozen part: per backbone, the four projected maps. Real images need it once per step (no grad)."""
+        return [proj(net(images)) for net, proj in zip(self.backbones, self.projectors)]
+
+    def logits(self, maps, text):
+        """The trainable heads on features(images): one (B, positions) logit tensor per backbone."""
+        return [torch.cat([head(m, text) for head, m in zip(heads, ms)], 1) for heads, ms in zip(self.heads, maps)]
+
     def forward(self, images, text):
-        return [torch.cat([head(m, text) for head, m in zip(heads, proj(net(images)))], 1)
-                for net, proj, heads in zip(self.backbones, self.projectors, self.heads)]
+        return self.logits(self.features(images), text)
+
+    def fake_and_real(self, fake_maps, real_maps, text_fake, text_real, joint):
+        """(fake logits, real logits). joint: the heads see both as one batch, so their BatchNorms normalise with
+        statistics shared by real and fake. Two calls (the official code) normalise an all-real and an all-fake
+        batch each by its own mean: a per-channel shift between real and fake, the plainest cue there is, is
+        subtracted before any head can use it (tests/test_d2o.py shows a head blind to it)."""
+        if not joint:
+            return self.logits(fake_maps, text_fake), self.logits(real_maps, text_real)
+        n = len(text_fake)
+        maps = [[torch.cat([f, r]) for f, r in zip(fs, rs)] for fs, rs in zip(fake_maps, real_maps)]
+        logits = self.logits(maps, torch.cat([text_fake, text_real]))
+        return [l[:n] for l in logits], [l[n:] for l in logits]
 
 
 def load_backbone(spec, device, configs_only=False):
@@ -370,7 +420,16 @@ def build_discriminator(specs, teacher, vae, scheduler, uncond, image_size, text
     that cannot be loaded is replaced by 'teacher_unet' if offline_fallback, else a clear error."""
     nets, names = [], []
     for spec in specs:
-        net = None if spec == "teacher_unet" else load_backbone(spec, device, configs_only=dry_run)
+        if spec == "lite0":
+            try:
+                net = Lite0Features(lite0_size, device, configs_only=dry_run)
+            except SystemExit as e:  # the weights package is missing or broken
+                if not offline_fallback:
+                    raise
+                print(e)
+                net = None
+        else:
+            net = None if spec == "teacher_unet" else load_backbone(spec, device, configs_only=dry_run)
         if net is None and spec != "teacher_unet":
             if not offline_fallback:
                 raise SystemExit(f"backbone error: cannot load '{spec}' (offline, or not a transformers model folder); "
@@ -473,6 +532,54 @@ def validation_grid(teacher, ema, vae, scheduler, text, prompts, shape, device, 
     save_grid(torch.stack(cols, 1).flatten(0, 1), path, nrow=3)
 
 
+def learning_curve_point(ema, it, images_seen, device):
+    """One point of the learning curve, by the demo's own recipe: the EMA UNet saved, one-step samples made from
+    it by sample.py (curve_sample_config's prompts and seeds, this run's guidance), scored by eval_fid.py against
+    data_dir's test split; appended to out_dir/curve.jsonl. sample.py runs as its own process, exactly as on the
+    command line (its module-level config would otherwise carry over between calls); single process only."""
+    import subprocess
+
+    import eval_fid
+    folder = os.path.join(out_dir, "curve")
+    ema.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
+    samples = os.path.join(folder, "samples")
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample.py"),
+                    curve_sample_config, f"--model={model}", f"--unet={folder}/unet", "--steps=1",
+                    f"--guidance={guidance}", f"--num_per_prompt={curve_per_prompt}", f"--out_dir={samples}",
+                    "--skip_existing=False", "--grid=False", f"--device={device}"], check=True)
+    with torch.random.fork_rng(devices=[]):  # the run's own random streams stay as without the curve
+        row, = eval_fid.evaluate([samples], data_dir, out=os.path.join(folder, "metrics.json"), spectrum=False,
+                                 device=str(device), cache_dir=curve_cache_dir)
+    record = {"iter": it, "images_seen": images_seen, **{k: row[k] for k in row if k not in ("gen", "size")}}
+    append_log(os.path.join(out_dir, "curve.jsonl"), record)
+    plot_curve(os.path.join(out_dir, "curve.jsonl"), os.path.join(out_dir, "curve.png"))
+    return record
+
+
+def plot_curve(jsonl, png, refs=()):
+    """curve.jsonl -> curve.png: FID(fmnist-clf) and caption accuracy against the images seen; refs: (metric
+    key, value, label) drawn as horizontal lines (e.g. the teacher's figures from eval_fid.py's metrics.json)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(jsonl) as f:
+        points = [json.loads(line) for line in f if line.strip()]
+    seen = [p["images_seen"] for p in points]
+    fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, label in ((ax_fid, "fid_fmnist_classifier", "FID (fmnist-clf)"),
+                           (ax_acc, "caption_accuracy", "caption accuracy")):
+        ax.plot(seen, [p.get(key) for p in points], "o-", label="D2O one step (EMA)")
+        for i, (k, value, text) in enumerate(r for r in refs if r[0] == key):
+            ax.axhline(value, color=f"C{i + 1}", ls="--", label=text)
+        ax.legend(fontsize=7)
+        ax.set_xlabel("real images seen by the discriminator")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def estimate_step_memory(micro, real_size):
     """One training step of this config on fake tensors (common.estimate_memory): the frozen teacher, the
     generator, its EMA, the discriminator and both Adam states as a run holds them; a G step, a D step and an R1
@@ -481,7 +588,7 @@ def estimate_step_memory(micro, real_size):
     with estimate_memory() as mem:
         text_encoder, vae, teacher, scheduler = sd_from_configs(model)
         G = fp32_output(type(teacher).from_config(teacher.config)).train()  # (no deepcopy of fake tensors)
-        freeze_unet(G, freeze)
+        freeze_unet(G, freeze, freeze_ff)
         g_params = [p for p in G.parameters() if p.requires_grad]
         ema = type(teacher).from_config(teacher.config).requires_grad_(False)  # held, as in a run
         width, length = text_encoder.config.hidden_size, text_encoder.config.max_position_embeddings
@@ -503,7 +610,8 @@ def estimate_step_memory(micro, real_size):
         optimizer_step(opt_g, g_params, single)
         with torch.no_grad():
             fake = generate(G, scheduler, vae, cond, uncond.expand(micro, -1, -1), shape, cpu)
-        discriminator_loss(D(fake, pooled), D(real, pooled)).backward()
+            fake_maps, real_maps = D.features(fake), D.features(real)
+        discriminator_loss(*D.fake_and_real(fake_maps, real_maps, pooled, pooled, joint_batch)).backward()
         optimizer_step(opt_d, d_params, single)
         if r1_gamma > 0:
             with sdpa_kernel([SDPBackend.MATH]):
@@ -521,8 +629,8 @@ def main(argv):
     config = configure(globals(), argv)
     check_config(config, positive=("batch_size", "grad_accum", "max_iters", "g_lr", "d_lr", "r1_interval",
                                    "ema_kimg", "proj_channels", "cmap_dim", "teacher_steps", "log_interval",
-                                   "eval_interval", "ckpt_interval", "max_nonfinite"),
-                 non_negative=("r1_gamma", "ema_rampup", "num_val_prompts"))
+                                   "eval_interval", "ckpt_interval", "max_nonfinite", "lite0_size", "curve_per_prompt"),
+                 non_negative=("r1_gamma", "ema_rampup", "num_val_prompts", "curve_interval"))
     if dry_run:
         micro = micro_batch(batch_size, grad_accum, dry_run_gpus, "dry_run_gpus")
         meta = os.path.join(data_dir, "meta.json")  # the real images' stored size, if prepared already
@@ -534,6 +642,8 @@ def main(argv):
     d, micro = start_run(device, init_from, batch_size, grad_accum, seed, out_dir, overwrite)
     if not backbones:
         raise SystemExit("config error: backbones must name at least one feature network")
+    if curve_interval and d.ddp:
+        raise SystemExit("config error: curve_interval needs a single process (sample.py and eval_fid.py run inside)")
     wandb_run = start_wandb(config, d)
 
     # --- data: real images (any size: the discriminator resizes) and their captions
@@ -558,7 +668,7 @@ def main(argv):
                          f"{scheduler.config.num_train_timesteps}), not {unet_feature_t}")
     uncond = encode_prompts(tokenizer, text_encoder, [""])
     G = copy.deepcopy(teacher).train()
-    stats = freeze_unet(G, freeze)
+    stats = freeze_unet(G, freeze, freeze_ff)
     g_names = [k for k, p in G.named_parameters() if p.requires_grad]
     g_params = [p for p in G.parameters() if p.requires_grad]
     ema = copy.deepcopy(G).requires_grad_(False).eval()
@@ -613,6 +723,8 @@ def main(argv):
                          "data_position": list(divmod(it, iters_per_epoch)), "rng": rngs, "config": config},
                         os.path.join(out_dir, "ckpt.pt"))
 
+    if curve_interval and it == 0:  # the curve starts at the base model (the EMA starts at its weights)
+        learning_curve_point(ema, 0, 0, d.device)
     pbar = tqdm(total=max_iters, initial=it, disable=not d.master, desc="d2o")
     t0, seen, sums, streak = time.time(), 0, {}, 0
     while it < max_iters:
@@ -625,16 +737,20 @@ def main(argv):
             prompts = [rows[k]["captions"][torch.randint(len(rows[k]["captions"]), (1,)).item()] for k in idx]
             micros.append((*encode_prompts(tokenizer, text_encoder, prompts, pooled=True),
                            images_to_tensor(images[idx]).to(d.device)))
-        step = dict.fromkeys(("g_loss", "d_loss", "logit_real", "logit_fake", "d_acc_real", "d_acc_fake"), 0.0)
+        step = dict.fromkeys(("g_loss", "d_loss", "logit_real", "logit_fake", "logit_gap", "d_acc_real",
+                              "d_acc_fake"), 0.0)
 
-        # G step: fresh noise, D fixed
+        # G step: fresh noise, D fixed. joint_batch: the heads' BatchNorms use the running statistics that the D
+        # steps gathered from joint real + fake batches (the D step's view, at half the cost of a joint batch)
         for p in d_params:
             p.requires_grad_(False)
+        D.heads.train(not joint_batch)
         for cond, pooled, _ in micros:
             fake = generate(generator, scheduler, vae, cond, uncond.expand(len(cond), -1, -1), shape, d.device)
             loss = generator_loss(D(fake, pooled)) / grad_accum
             loss.backward()
             step["g_loss"] += loss.item()
+        D.heads.train()
         for p in d_params:
             p.requires_grad_(True)
         optimizer_step(opt_g, g_params, d)
@@ -643,15 +759,18 @@ def main(argv):
         for cond, pooled, real in micros:
             with torch.no_grad():
                 fake = generate(generator, scheduler, vae, cond, uncond.expand(len(cond), -1, -1), shape, d.device)
-            fake_logits, real_logits = D(fake, pooled), D(real, pooled)
+                fake_maps, real_maps = D.features(fake), D.features(real)  # (frozen: no graph needed)
+            fake_logits, real_logits = D.fake_and_real(fake_maps, real_maps, pooled, pooled, joint_batch)
             loss = discriminator_loss(fake_logits, real_logits) / grad_accum
             loss.backward()
             step["d_loss"] += loss.item()
-            # the discriminator's health: mean logits and the share of positions it gets right (0.5: chance)
-            step["logit_fake"] += torch.cat(fake_logits, 1).mean().item() / grad_accum
-            step["logit_real"] += torch.cat(real_logits, 1).mean().item() / grad_accum
-            step["d_acc_fake"] += (torch.cat(fake_logits, 1) < 0).float().mean().item() / grad_accum
-            step["d_acc_real"] += (torch.cat(real_logits, 1) > 0).float().mean().item() / grad_accum
+            # the discriminator's health: mean logits, their gap, the share of positions it gets right (0.5: chance)
+            fake_logits, real_logits = torch.cat(fake_logits, 1).detach(), torch.cat(real_logits, 1).detach()
+            step["logit_fake"] += fake_logits.mean().item() / grad_accum
+            step["logit_real"] += real_logits.mean().item() / grad_accum
+            step["logit_gap"] += (real_logits.mean() - fake_logits.mean()).item() / grad_accum
+            step["d_acc_fake"] += (fake_logits < 0).float().mean().item() / grad_accum
+            step["d_acc_real"] += (real_logits > 0).float().mean().item() / grad_accum
         optimizer_step(opt_d, d_params, d)
 
         # lazy R1 on real images, weighted by the interval
@@ -689,6 +808,10 @@ def main(argv):
             validation_grid(teacher, ema, vae, scheduler, (tokenizer, text_encoder, uncond), val_prompts, shape,
                             d.device, os.path.join(out_dir, f"val_{it:06d}.png"))
             wandb_image(wandb_run, os.path.join(out_dir, f"val_{it:06d}.png"), it)
+        if curve_interval and (it % curve_interval == 0 or it == max_iters):
+            point = learning_curve_point(ema, it, it * batch_size, d.device)
+            print(f"curve: iter {it}, {it * batch_size:,} images: " + ", ".join(
+                f"{k} {point[k]:.4g}" for k in ("fid_fmnist_classifier", "caption_accuracy") if point.get(k) is not None))
         if it % ckpt_interval == 0 or it == max_iters:
             save_checkpoint()
     pbar.close()

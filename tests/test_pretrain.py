@@ -7,7 +7,7 @@ import torch
 from conftest import run_killed_after
 
 import pretrain
-from common import load_checkpoint, load_sd, write_split
+from common import decode, encode, load_checkpoint, load_sd, write_split
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,88 @@ def test_the_shipped_teacher_is_a_small_safetensors_sd_folder():
     assert unet.config.sample_size * 4 == 32 and scheduler.config.timestep_spacing == "trailing"
     tokens = tokenizer.convert_ids_to_tokens(tokenizer("a photo of an ankle boot").input_ids)
     assert tokens[5:7] == ["ankle</w>", "boot</w>"]
+
+
+# ----------------------------------------------------------------------------- the task teachers (HiPA's tasks)
+
+
+@pytest.fixture(scope="module")
+def tiny_t2i(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("t2i")
+    pretrain.main(args(tiny_data, out))
+    return str(out / "model")
+
+
+@pytest.mark.parametrize("task", ["inpaint", "upscale"])
+def test_task_teachers_load_in_their_diffusers_pipelines(tiny_data, tiny_t2i, tmp_path, task):
+    pretrain.main(args(tiny_data, tmp_path, f"--task={task}", f"--init_model={tiny_t2i}", "--vae_iters=0"))
+    assert (tmp_path / "samples_000002.png").exists()  # input | output | ground truth
+    import diffusers
+    from PIL import Image
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    if task == "inpaint":
+        pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(str(tmp_path / "model"))
+        assert pipe.unet.config.in_channels == 9
+        mask = Image.fromarray((pretrain.make_mask("periphery", 1, 16, 16)[0, 0].numpy() * 255).astype(np.uint8))
+        out = pipe(["a bag"], image=image, mask_image=mask, num_inference_steps=2, height=16, width=16,
+                   output_type="np").images
+        assert out.shape == (1, 16, 16, 3)
+    else:
+        pipe = diffusers.StableDiffusionUpscalePipeline.from_pretrained(str(tmp_path / "model"))
+        assert pipe.unet.config.in_channels == 7 and pipe.scheduler.config.prediction_type == "v_prediction"
+        assert pipe.vae.config.scaling_factor == 0.08333  # as saved, so the pipeline does not overwrite it
+        out = pipe(["a bag"], image=image.resize((8, 8)), num_inference_steps=2, output_type="np").images
+        assert out.shape == (1, 16, 16, 3)  # the VAE's factor (2 here, 4 for the tiny teacher) up
+    assert np.isfinite(out).all()
+    # the pipelines encode with a posterior sample: it is the mean the teachers are trained on
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert pipe.vae.encode(x).latent_dist.std.max() < 1e-4
+    _, t2i_text_encoder, *_ = load_sd(tiny_t2i)
+    assert all(torch.equal(v, pipe.text_encoder.state_dict()[k]) for k, v in t2i_text_encoder.state_dict().items())
+    weights = {f.suffix for f in (tmp_path / "model").rglob("*") if f.is_file() and f.suffix not in (".json", ".txt")}
+    assert weights == {".safetensors"}
+
+
+def test_widened_unet_computes_the_t2i_unet_at_init(tiny_t2i):
+    """Zero extra input channels (and a zero class embedding): whatever the mask, masked image or low-res image
+    and noise level, the task UNet starts as the t2i UNet, the property the fine-tuning starts from."""
+    *_, t2i_unet, _ = load_sd(tiny_t2i)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    text = torch.randn(2, 16, 32)
+    expected = t2i_unet(x, t, encoder_hidden_states=text).sample
+    inpaint = pretrain.widen_unet(t2i_unet, 9)
+    got = inpaint(torch.cat([x, torch.randn(2, 5, 8, 8)], 1), t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    upscale = pretrain.widen_unet(t2i_unet, 7, num_class_embeds=1000)
+    got = upscale(torch.cat([x, torch.randn(2, 3, 8, 8)], 1), t, encoder_hidden_states=text,
+                  class_labels=torch.tensor([0, 349])).sample
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_rescaled_vae_keeps_the_unets_latents_and_the_reconstruction(tiny_t2i):
+    _, _, vae, _, _ = load_sd(tiny_t2i)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    latents = encode(vae, x)
+    recon = decode(vae, latents)
+    pretrain.rescale_vae(vae, 0.08333)
+    assert vae.config.scaling_factor == 0.08333
+    torch.testing.assert_close(encode(vae, x), latents, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(decode(vae, latents), recon, rtol=1e-4, atol=1e-5)
+
+
+def test_random_masks_include_the_tasks_masks_and_full_masks():
+    masks = pretrain.random_masks(400, 32, 32, torch.Generator().manual_seed(0))
+    assert masks.shape == (400, 1, 32, 32) and set(masks.unique().tolist()) == {0.0, 1.0}
+    periphery = pretrain.make_mask("periphery", 1, 32, 32)[0]
+    for kind in (periphery, 1 - periphery, torch.ones_like(periphery)):
+        assert 20 < (masks == kind).flatten(1).all(1).sum() < 100  # 15%, 15%, 10% of 400
+    assert 0.2 < masks.mean() < 0.8  # and random shapes between
+
+
+def test_task_bad_input(tiny_data, tiny_t2i, tmp_path):
+    with pytest.raises(SystemExit, match="task must be"):
+        pretrain.main(args(tiny_data, tmp_path / "x", "--task=depth"))
+    with pytest.raises(SystemExit, match="set init_model and vae_iters=0"):
+        pretrain.main(args(tiny_data, tmp_path / "x", "--task=inpaint", f"--init_model={tiny_t2i}"))
+    with pytest.raises(SystemExit, match="not an SD-format folder"):
+        pretrain.main(args(tiny_data, tmp_path / "x", "--task=inpaint", "--init_model=nowhere", "--vae_iters=0"))
