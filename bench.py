@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import decode, encode_prompts, latent_shape, load_sd, setup_ddp, torch_dtype
+from common import decode, encode_prompts, latent_shape, load_sd, setup_ddp, torch_dtype, vae_factor
 from sample import generate
 
 # ----------------------------------------------------------------------------- config
@@ -60,7 +60,7 @@ def main(argv):
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     t999 = scheduler.config.num_train_timesteps - 1
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae)
 
     @torch.no_grad()
     def floor():

@@ -232,10 +232,16 @@ def ddim_sample(unet, scheduler, x_T, cond, uncond, steps, guidance, image_input
     return x
 
 
+def vae_factor(vae):
+    """Image side / latent side of an SD VAE (8 for SD, 4 for the tiny one); for the x4 upscaler also its upscale
+    factor (StableDiffusionUpscalePipeline's latents have the low-res image's size)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def latent_shape(vae, unet, height=0, width=0):
     """(C, h, w) of the UNet's latents for images of height x width (0: the model's native size), or
     SystemExit if the size does not survive the VAE's and the UNet's downsampling."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae)
     multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
     height, width = height or unet.config.sample_size * factor, width or unet.config.sample_size * factor
     if height % multiple or width % multiple:
@@ -323,9 +329,9 @@ def inpaint_input(vae, images, mask):
 
 def upscale_input(low_res_scheduler, low_res, noise, noise_level):
     """The x4 UNet's extra channels and class labels, as StableDiffusionUpscalePipeline makes them: the low-res
-    image in [-1, 1] noised to noise_level by low_res_scheduler (the noise augmentation it was trained with),
-    and noise_level itself as the class label."""
-    labels = torch.full((len(low_res),), int(noise_level), dtype=torch.long, device=low_res.device)
+    image in [-1, 1] noised to noise_level (one int, or one per image) by low_res_scheduler (the noise
+    augmentation it was trained with), and noise_level itself as the class label."""
+    labels = torch.as_tensor(noise_level, dtype=torch.long, device=low_res.device).expand(len(low_res))
     return low_res_scheduler.add_noise(low_res.float(), noise.float(), labels), labels
 
 

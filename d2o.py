@@ -37,7 +37,8 @@ from common import (Dist, all_finite, all_reduce_mean, append_log, atomic_save, 
                     ddim_sample, decode, encode_prompts, estimate_memory, fp32_output, gather, images_to_tensor,
                     latent_shape, load_checkpoint, load_sd, load_split, memory_report, micro_batch, one_step_x0,
                     peak_memory_gb, require_finite, resume_rng, rng_state, save_grid, save_json, sd_from_configs,
-                    seeded_noise, start_log, start_run, start_wandb, stop_if_diverged, wandb_image)
+                    seeded_noise, start_log, start_run, start_wandb, stop_if_diverged, vae_factor,
+                    wandb_image)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model (hub id or folder): the generator's initialisation
@@ -593,7 +594,7 @@ def estimate_step_memory(micro, real_size):
         ema = type(teacher).from_config(teacher.config).requires_grad_(False)  # held, as in a run
         width, length = text_encoder.config.hidden_size, text_encoder.config.max_position_embeddings
         uncond = torch.randn(1, length, width)
-        size = resolution or teacher.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        size = resolution or teacher.config.sample_size * vae_factor(vae)
         D, _ = build_discriminator(backbones, teacher, vae, scheduler, uncond, size, width, cpu, verbose=False)
         d_params = list(D.heads.parameters())
         opt_g = torch.optim.Adam(g_params, lr=g_lr, betas=(0.0, 0.99))
@@ -656,7 +657,7 @@ def main(argv):
 
     # --- models: frozen teacher, generator G (its trainable copy), EMA of G, discriminator D
     tokenizer, text_encoder, vae, teacher, scheduler = load_sd(model, d.device)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae)
     size = resolution or teacher.config.sample_size * factor
     multiple = factor * 2 ** (len(teacher.config.block_out_channels) - 1)
     if size % multiple:

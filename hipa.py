@@ -44,7 +44,7 @@ from common import (all_finite, all_reduce_mean, append_log, atomic_save, autoca
                     images_to_tensor, latent_shape, load_checkpoint, load_low_res_scheduler, load_sd, load_split,
                     make_mask, memory_report, micro_batch, model_task, one_step_x0, peak_memory_gb, require_finite,
                     resume_rng, rng_state, save_grid, save_json, sd_from_configs, seeded_noise, start_log, start_run,
-                    start_wandb, stop_if_diverged, task_input, wandb_image)
+                    start_wandb, stop_if_diverged, task_input, vae_factor, wandb_image)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
@@ -599,7 +599,7 @@ def main(argv):
                          f"(UNet with {unet.config.in_channels} input channels)")
     inputs_of, inputs_desc = None, None
     if task != "t2i":  # the task's extra UNet input for examples idx: from image k % N of the prepared data
-        size = [v * 2 ** (len(vae.config.block_out_channels) - 1) for v in shape[1:]]
+        size = [v * vae_factor(vae) for v in shape[1:]]
         if list(images.shape[1:3]) != size:
             raise SystemExit(f"data error: {data_dir} holds {images.shape[1]}x{images.shape[2]} images; this "
                              f"{task} model makes {size[0]}x{size[1]} (prepare the data at that resolution)")

@@ -40,7 +40,8 @@ from tqdm import tqdm
 from common import (all_reduce_mean, append_log, atomic_save, autocast, check_config, checked_compile, ddim_sample,
                     decode, downsample, encode, encode_prompts, gather, images_to_tensor, inpaint_input,
                     load_checkpoint, load_split, make_mask, peak_memory_gb, resume_rng, rng_state,
-                    save_grid, save_json, start_log, start_run, start_wandb, wandb_image)
+                    save_grid, save_json, start_log, start_run, start_wandb, upscale_input, vae_factor,
+                    wandb_image)
 
 # ----------------------------------------------------------------------------- config
 out_dir = "out/pretrain"  # checkpoints, sample grids, config.json, log.jsonl and the final model/ folder
@@ -297,12 +298,6 @@ def encode_latents(vae, images_u8, device, batch=1000):
     return torch.cat(out)
 
 
-def vae_factor(vae):
-    """Image side / latent side: the x4 task's upscale factor (StableDiffusionUpscalePipeline's latents have the
-    low-res image's size and the VAE decodes them to this factor times it)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def task_channels(task, vae, x, masks, noise_levels, low_res_scheduler, generator=None):
     """(image_input, class_labels) of the task UNets for images x in [-1, 1], as diffusers' pipelines make them.
     inpaint: the mask at latent size + the masked image's latents; upscale: the image downsampled by the VAE's
@@ -312,7 +307,7 @@ def task_channels(task, vae, x, masks, noise_levels, low_res_scheduler, generato
     if task == "upscale":
         low = downsample(x, vae_factor(vae))
         noise = torch.randn(low.shape, generator=generator).to(x.device)
-        return low_res_scheduler.add_noise(low, noise, noise_levels), noise_levels
+        return upscale_input(low_res_scheduler, low, noise, noise_levels)
     return None, None
 
 

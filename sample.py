@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from common import (autocast, ddim_sample, decode, encode_prompts, fp32_output, images_to_tensor, latent_shape,
                     load_low_res_scheduler, load_sd, make_mask, model_task, save_grid, save_json, seeded_noise,
-                    setup_ddp, task_input, torch_dtype, write_jsonl)
+                    setup_ddp, task_input, torch_dtype, vae_factor, write_jsonl)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model: hub id or folder
@@ -206,7 +206,7 @@ def main(argv):
     inputs = read_init_images(init_images, all_prompts) if init_images is not None else None
     tokenizer, text_encoder, vae, base_unet, scheduler = load_sd(model, d.device, dt)
     task = model_task(base_unet, model)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae)
     if inputs is not None and task == "upscale" and not (height or width):  # the output is 4x the input
         h, w, multiple = *inputs[0].shape[1:3], 2 ** (len(base_unet.config.block_out_channels) - 1)
         if h % multiple or w % multiple:
