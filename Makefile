@@ -58,14 +58,14 @@ demo: data
 	$(SAMPLE) --steps=1 --lora=$(LORA) --out_dir=$(DEMO)/hipa-1step
 	$(SAMPLE) --lora=$(LORA) --compare=True --out_dir=$(DEMO)
 	@if [ -d $(D2O_UNET) ]; then $(SAMPLE) --steps=1 --guidance=1 --unet=$(D2O_UNET) --out_dir=$(DEMO)/d2o-1step; \
-		else rm -rf $(DEMO)/d2o-1step; echo "D2O: no $(D2O_UNET) yet; 'make demo-d2o' trains it (about 25 min on 2 cores)"; fi
+		else rm -rf $(DEMO)/d2o-1step; echo "D2O: no $(D2O_UNET) yet; 'make demo-d2o' trains it (about 13 min on 2 cores)"; fi
 	$(PY) eval_fid.py --gen=$(DEMO)/teacher-15step,$(DEMO)/base-1step,$(DEMO)/hipa-1step$(shell [ -d $(D2O_UNET) ] && echo ,$(DEMO)/d2o-1step) \
 		--paired=$(DEMO)/teacher-15step --out=$(DEMO)/metrics.json
 	@echo "pictures: $(DEMO)/compare.png (rows: teacher 15-step | base 1-step | HiPA 1-step),"
 	@echo "          $(DEMO)/metrics_spectrum.png, out/hipa-fmnist/val_*.png"
 	@echo "numbers:  $(DEMO)/metrics.json (the table above), out/hipa-fmnist/log.jsonl"
 
-# D2O on the tiny teacher (400 steps at ~3.3 s each, ~23 minutes, with a learning curve in out/d2o-fmnist/curve.png);
+# D2O on the tiny teacher (400 steps at ~1.8 s each, 13 minutes on 2 idle cores, with a learning curve in out/d2o-fmnist/curve.png);
 # `make demo` then adds it to its table.
 demo-d2o: data
 	$(PY) d2o.py config/fmnist_d2o.py --overwrite=True

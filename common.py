@@ -195,12 +195,16 @@ def seeded_noise(indices, shape, base_seed):
                         for k in indices])
 
 
-def one_step_x0(unet, scheduler, x_T, cond, uncond, w, image_input=None, class_labels=None):
+def one_step_x0(unet, scheduler, x_T, cond, uncond, w, image_input=None, class_labels=None, init_latents=None,
+                strength=1.0):
     """The one-step generator of both methods, in latent space: one guided UNet call at t = T-1 (999 for SD)
-    from pure noise, then the x0 formula of the model's prediction type."""
-    t = scheduler.config.num_train_timesteps - 1
-    out = guided_unet(unet, x_T.to(cond.dtype), t, cond, uncond, w, image_input, class_labels)
-    return predict_x0_eps(out, x_T, scheduler.alphas_cumprod[t], scheduler.config.prediction_type)[0]
+    from pure noise, then the x0 formula of the model's prediction type. Editing (init_latents): the call is at
+    t = strength x T - 1 on init_latents noised with x_T, as ddim_sample's one step (with gradients here)."""
+    t = int(round(strength * scheduler.config.num_train_timesteps)) - 1
+    a = scheduler.alphas_cumprod[t]
+    x = x_T if init_latents is None else a.sqrt() * init_latents + (1 - a).sqrt() * x_T
+    out = guided_unet(unet, x.to(cond.dtype), t, cond, uncond, w, image_input, class_labels)
+    return predict_x0_eps(out, x, a, scheduler.config.prediction_type)[0]
 
 
 @torch.no_grad()

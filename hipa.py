@@ -20,7 +20,9 @@ caption and noise anew (vary_per_epoch), and its targets are computed once and c
 The inpainting and x4 tasks (task=) train the same way: the example's real image (from the prepared data) gives
 the UNet's extra input (the masked image and its mask, or the image downsampled by the VAE's factor as the
 low-res input, noised to noise_level), the same for teacher and student; the rest is unchanged. Editing
-(SDEdit) needs no training: it reuses the t2i adaptor (sample.py --init_images --strength).
+(SDEdit) as the paper does it needs no training: it reuses the t2i adaptor (sample.py --init_images
+--strength). task=edit (an extension, not in the paper) trains an adaptor for it: the student's one step from
+the example's image noised to t = strength x T, the teacher's N steps from the same point.
 
 Reads top to bottom: config, LoRA, losses (DISTS, high-pass, Sobel), teacher targets, training loop.
 """
@@ -48,9 +50,10 @@ from common import (all_finite, all_reduce_mean, append_log, atomic_save, autoca
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
-task = "t2i"  # 't2i', 'inpaint' (an inpainting model) or 'upscale' (an x4 upscaler): must be the model's kind
-data_dir = "data/fmnist"  # prepared data: t2i reads only the captions (the teacher makes the targets); inpaint and
-# upscale also read the images, at the output size, for the masked / low-res inputs
+task = "t2i"  # 't2i', 'edit' (SDEdit from real images, t2i model), 'inpaint' (an inpainting model), 'upscale' (x4)
+data_dir = "data/fmnist"  # prepared data: t2i reads only the captions (the teacher makes the targets); edit,
+# inpaint and upscale also read the images, at the output size, for the edited / masked / low-res inputs
+strength = 0.6  # edit: SDEdit's strength (the adaptor learns the one step from t = strength x T; in (0, 1])
 mask = "periphery"  # inpaint: 'periphery' (the paper's: 50% of the pixels masked around a kept centre), 'center', PNG
 noise_level = 20  # upscale: the low-res input's noise augmentation (StableDiffusionUpscalePipeline's default)
 split = "train"
@@ -80,7 +83,7 @@ vgg_weights = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchv
 dists_weights = "https://github.com/dingkeyan93/DISTS/raw/master/DISTS_pytorch/weights.pt"  # alpha, beta (URL or path)
 standin = "vgg_random"  # if those are unreachable: 'vgg_random' (VGG16 at quarter width with random weights;
 # measured better here) or 'lite0' (the DISTS form on ImageNet EfficientNet-Lite0 features); never called DISTS
-standin_size = 64  # images are resized to this for the 'lite0' stand-in (32-px images: 64 is a CPU trade-off)
+standin_size = 0  # the stand-in sees the images resized to this (0: as they are; standin=lite0 on 32 px: 64)
 # optimisation
 epochs = 5
 batch_size = 64  # global batch, over all ranks and micro-steps
@@ -280,11 +283,12 @@ class DISTS(nn.Module):
         self.register_buffer("beta", torch.full((sum(self.channels),), 0.5 / sum(self.channels)))
 
     def stages(self, x):
+        """Stage 0 is the image as given; the network sees it resized to `size` (stand-ins; 0: as it is)."""
+        h = F.interpolate(x, size=self.size, mode="bilinear", antialias=True) if self.size else x
         if self.lite0 is not None:  # (Lite0 normalises its input itself)
-            h = F.interpolate(x, size=self.size, mode="bilinear", antialias=True) if self.size else x
             return [x] + (checkpoint(self.lite0.features, h, use_reentrant=False) if self.checkpoint and
                           h.requires_grad else self.lite0.features(h))
-        feats, h, start = [x], (x - self.mean) / self.std, 0  # stage 0 is the raw image
+        feats, h, start = [x], (h - self.mean) / self.std, 0
         for end in DISTS_STAGE_ENDS:
             stage = self.features[start: end + 1]
             h = checkpoint(stage, h, use_reentrant=False) if self.checkpoint and h.requires_grad else stage(h)
@@ -333,7 +337,7 @@ def load_dists(vgg_spec, dists_spec, cache, verbose=True, standin_kind="vgg_rand
                   f"weights) on ImageNet EfficientNet-Lite0 features at {size or 'native'} px. Not DISTS.\n"
                   + "=" * 100)
         return DISTS(lite0=load_lite0(), size=size).requires_grad_(False).eval()
-    net = DISTS(1.0 if vgg and ab else STANDIN_WIDTH)
+    net = DISTS(1.0) if vgg and ab else DISTS(STANDIN_WIDTH, size=size)
     if vgg and ab:  # strictly: every conv of VGG16's features with its shape, 1475 alphas and betas
         state = torch.load(vgg, map_location="cpu", weights_only=True)
         got = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
@@ -501,7 +505,8 @@ def build_teacher_cache(unet, loras, scheduler, text, prompts, noise_seed, shape
 def student_loss(student, vae, dists, scheduler, x_T, cond, uncond, target, device, task_kwargs=None):
     """Eq. 1-3 for one micro-batch: the student's one-step image from x_T (LoRA on, bf16 autocast on CUDA) against
     the teacher's image decoded from its N-step latents `target`; the VAE decode and the losses in fp32.
-    task_kwargs: the inpaint / upscale task's extra UNet input, the teacher's."""
+    task_kwargs: the task's input (inpaint / upscale: the extra UNet input; edit: the image latents and strength),
+    the teacher's."""
     with torch.no_grad():
         teacher_images = decode(vae, target)
     with autocast(device):
@@ -566,8 +571,11 @@ def main(argv):
                                "w_sobel", "num_val_prompts"))
     if ema_decay >= 1:
         raise SystemExit(f"config error: ema_decay must be < 1, got {ema_decay}")
-    if task not in ("t2i", "inpaint", "upscale"):
-        raise SystemExit(f"config error: task must be 't2i', 'inpaint' or 'upscale', not '{task}'")
+    if task not in ("t2i", "edit", "inpaint", "upscale"):
+        raise SystemExit(f"config error: task must be 't2i', 'edit', 'inpaint' or 'upscale', not '{task}'")
+    if task == "edit" and not 0 < strength <= 1:
+        raise SystemExit(f"config error: strength must be in (0, 1], not {strength}")
+    kind = "t2i" if task == "edit" else task  # the model's kind: editing adapts a t2i model
     if dry_run:
         micro = micro_batch(batch_size, grad_accum, dry_run_gpus, "dry_run_gpus")
         mem = estimate_step_memory(micro)
@@ -594,7 +602,7 @@ def main(argv):
     tokenizer, text_encoder, vae, unet, scheduler = load_sd(model, d.device)
     fp32_output(unet.to(dtype))  # the frozen UNet in bf16 on CUDA, its output layer in fp32 (x0 = ... / 0.068)
     shape = latent_shape(vae, unet, resolution, resolution)
-    if model_task(unet, model) != task:
+    if model_task(unet, model) != kind:
         raise SystemExit(f"config error: task '{task}' but {model} is a {model_task(unet, model)} model "
                          f"(UNet with {unet.config.in_channels} input channels)")
     inputs_of, inputs_desc = None, None
@@ -610,11 +618,11 @@ def main(argv):
         def inputs_of(idx, noise_seed):
             x = images_to_tensor(images[[k % len(images) for k in idx]]).to(d.device)
             x = downsample(x, factor) if task == "upscale" else x  # the low-res input: 32 -> 8 here
-            return task_input(task, vae, x, idx, noise_seed, masks.expand(len(idx), -1, -1, -1) if masks is not None
-                              else None, low_res_scheduler, noise_level)
+            return task_input(kind, vae, x, idx, noise_seed, masks.expand(len(idx), -1, -1, -1) if masks is not None
+                              else None, low_res_scheduler, noise_level, strength)
         inputs_desc = [task, os.path.abspath(data_dir), split, images.shape, os.path.getmtime(images.filename),
                        masks is not None and hashlib.sha1(masks.cpu().numpy().tobytes()).hexdigest(),
-                       noise_level if task == "upscale" else None]
+                       noise_level if task == "upscale" else None] + ([strength] if task == "edit" else [])
     weights = weights_fingerprint(unet, text_encoder) if teacher_cache else None  # before the LoRA is added
     loras = add_lora(unet, lora_targets, lora_rank, lora_alpha)
     params = lora_params(loras)

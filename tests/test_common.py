@@ -156,6 +156,21 @@ def test_compile_guard_agrees_with_a_direct_comparison_on_this_device(tiny_sd):
             checked_compile(unet, loss)
 
 
+def test_one_step_edit_is_ddim_samples_one_step_from_the_noised_image(tiny_sd):
+    """HiPA's edit student (one_step_x0 with init_latents, with gradients) is what sample.py --strength --steps=1
+    makes (ddim_sample): the one call at t = strength x T - 1 on the image latents noised with x_T."""
+    tokenizer, text_encoder, vae, unet, scheduler = load_sd(tiny_sd)
+    cond = encode_prompts(tokenizer, text_encoder, ["a bag", "a sneaker"])
+    uncond = encode_prompts(tokenizer, text_encoder, ["", ""])
+    x_T, init = torch.randn(2, 2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for strength in (0.3, 0.6, 1.0):
+        ours = one_step_x0(unet, scheduler, x_T, cond, uncond, 2.0, init_latents=init, strength=strength)
+        ref = ddim_sample(unet, scheduler, x_T, cond, uncond, 1, 2.0, init_latents=init, strength=strength)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    far, near = (one_step_x0(unet, scheduler, x_T, cond, uncond, 2.0, init_latents=init, strength=s) for s in (0.9, 0.1))
+    assert (near - init).abs().mean() < (far - init).abs().mean()  # a low strength stays near the image
+
+
 def test_one_step_x0_under_bf16_autocast_keeps_the_unet_output_in_fp32():
     """x0 = (x_T - sqrt(1-a) eps) / sqrt(a) multiplies the UNet output's error by 14.6 at t=999: the output layer,
     the guidance and the formula run in fp32 (common.fp32_output), not on an output rounded to bf16. Measured on

@@ -403,6 +403,23 @@ def test_real_and_fake_images_reach_the_features_with_the_same_spectrum():
     assert 0.87 < high_share(fake) / high_share(real) < 1.15, (high_share(fake), high_share(real))
 
 
+def test_real_images_reach_the_discriminator_through_the_generators_decoder(sd, monkeypatch):
+    """Every fake is decoded by the frozen VAE; reals must be too (real_through_vae), or the heads learn the
+    decoder's signature, which no generator behind it can remove. Off: the raw images."""
+    from common import decode, encode
+    vae = sd[2]
+    u8 = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    raw = images_to_tensor(u8)
+    with torch.no_grad():
+        round_trip = decode(vae, encode(vae, raw)) * 2 - 1
+    monkeypatch.setattr(d2o, "real_through_vae", True)
+    seen = d2o.real_images(vae, u8, torch.device("cpu"))
+    assert seen.shape == raw.shape and torch.allclose(seen, round_trip, atol=1e-6)
+    assert (seen - raw).abs().mean() > 0.05  # (a random VAE: far from the identity)
+    monkeypatch.setattr(d2o, "real_through_vae", False)
+    assert torch.equal(d2o.real_images(vae, u8, torch.device("cpu")), raw)
+
+
 def test_dry_run_estimates_memory_without_weights_and_writes_nothing(tiny_sd, real_data, tmp_path, capsys):
     def peak(*extra):
         return d2o.main(run_args(tiny_sd, real_data, tmp_path / "out", "--dry_run=True", "--dry_run_gpus=1",

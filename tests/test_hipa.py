@@ -118,6 +118,10 @@ def test_dists_is_a_distance_with_zero_at_identity():
     torch.testing.assert_close(dists(x, x.flip(0)), dists(x.flip(0), x))
     noisy = [dists(x, (x + s * torch.randn(x.shape, generator=g)).clamp(0, 1)).mean() for s in (0.05, 0.2, 0.5)]
     assert 0 < noisy[0] < noisy[1] < noisy[2]
+    sized = hipa.load_dists("absent", "absent", "/nonexistent", verbose=False, size=64)  # standin_size
+    stages = sized.stages(x)
+    assert stages[0].shape[-1] == 32 and stages[1].shape[-1] == 64  # the image as given; the network sees 64 px
+    assert sized(x, x).abs().max() < 1e-5 and sized(x, x.roll(1, 0)).min() > 0
 
 
 def test_lite0_standin_is_the_dists_form_on_imagenet_features(capsys):
@@ -141,8 +145,8 @@ def test_dists_loads_the_standard_weight_files_strictly(tmp_path, capsys):
     torch.save(vgg, tmp_path / "vgg16.pth")
     ab = {"alpha": torch.rand(1, 1475, 1, 1), "beta": torch.rand(1, 1475, 1, 1)}
     torch.save(ab, tmp_path / "weights.pt")
-    net = hipa.load_dists(str(tmp_path / "vgg16.pth"), str(tmp_path / "weights.pt"), str(tmp_path))
-    assert "WARNING" not in capsys.readouterr().out
+    net = hipa.load_dists(str(tmp_path / "vgg16.pth"), str(tmp_path / "weights.pt"), str(tmp_path), size=64)
+    assert "WARNING" not in capsys.readouterr().out and net.size == 0  # real DISTS: images as they are
     assert net.channels == [3, 64, 128, 256, 512, 512]
     assert torch.equal(net.features[2].weight, vgg["features.2.weight"])
     assert torch.equal(net.alpha, ab["alpha"].flatten())

@@ -244,15 +244,16 @@ def hipa_args(model, data, out, task, *extra):
 
 
 @pytest.fixture(scope="module")
-def adaptors(tiny_inpaint, tiny_x4, images, tmp_path_factory):
+def adaptors(tiny_sd, tiny_inpaint, tiny_x4, images, tmp_path_factory):
     import hipa
     out = tmp_path_factory.mktemp("adaptors")
     hipa.main(hipa_args(tiny_inpaint, images[16], out / "inpaint", "inpaint"))
     hipa.main(hipa_args(tiny_x4, images[32], out / "upscale", "upscale"))
-    return {task: out / task for task in ("inpaint", "upscale")}
+    hipa.main(hipa_args(tiny_sd, images[16], out / "edit", "edit", "--strength=0.5"))
+    return {task: out / task for task in ("inpaint", "upscale", "edit")}
 
 
-@pytest.mark.parametrize("task", ["inpaint", "upscale"])
+@pytest.mark.parametrize("task", ["inpaint", "upscale", "edit"])
 def test_task_training_moves_the_one_step_student_towards_the_teacher(adaptors, task):
     log = [json.loads(line) for line in open(adaptors[task] / "log.jsonl")]
     assert len(log) == 8 and all(r["skipped"] == 0 for r in log)
@@ -322,13 +323,16 @@ def test_task_targets_are_cached_per_task_input(tiny_inpaint, images, tmp_path, 
     ("inpaint", "t2i", 16, "task 't2i' but .* is a inpaint model"),
     ("inpaint", "inpaint", 32, "holds 32x32 images; this inpaint model makes 16x16"),
     ("upscale", "upscale", 16, "holds 16x16 images; this upscale model makes 32x32"),
-    ("upscale", "sr", 32, "task must be 't2i', 'inpaint' or 'upscale'"),
+    ("upscale", "sr", 32, "task must be 't2i', 'edit', 'inpaint' or 'upscale'"),
+    ("inpaint", "edit", 16, "task 'edit' but .* is a inpaint model"),
+    ("t2i", "edit --strength=1.5", 16, r"strength must be in \(0, 1\]"),
 ])
 def test_task_config_errors_are_one_line(tiny_sd, tiny_inpaint, tiny_x4, images, tmp_path, which, task, size, message):
     import hipa
     model = {"t2i": tiny_sd, "inpaint": tiny_inpaint, "upscale": tiny_x4}[which]
+    task, *extra = task.split()
     with pytest.raises(SystemExit, match=message):
-        hipa.main(hipa_args(model, images[size], tmp_path / "out", task))
+        hipa.main(hipa_args(model, images[size], tmp_path / "out", task, *extra))
     assert not (tmp_path / "out").exists()
 
 
