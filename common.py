@@ -483,12 +483,13 @@ def peak_memory_gb(device):
 # ----------------------------------------------------------------------------- checkpoints, RNG
 
 
-def start_log(out_dir, init_from, d):
-    """Path of the run's JSON-lines log (out_dir/log.jsonl): a scratch run starts it anew (and drops an earlier
-    run's ckpt.pt, which start_run only lets through with overwrite=True), a resumed one appends."""
+def start_log(out_dir, init_from, d, logs=("log.jsonl",)):
+    """Path of the run's JSON-lines log (out_dir/log.jsonl): a scratch run starts it and the run's other logs
+    (d2o's curve.jsonl) anew and drops an earlier run's ckpt.pt (start_run only lets it through with
+    overwrite=True); a resumed one appends."""
     path = os.path.join(out_dir, "log.jsonl")
     if d.master and init_from == "scratch":
-        for old in (path, os.path.join(out_dir, "ckpt.pt")):
+        for old in [os.path.join(out_dir, f) for f in logs] + [os.path.join(out_dir, "ckpt.pt")]:
             if os.path.exists(old):
                 os.remove(old)
     return path

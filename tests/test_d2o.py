@@ -444,7 +444,8 @@ def test_gradient_checkpointing_trains_with_r1(tiny_sd, real_data, tmp_path):
 def test_learning_curve_scores_the_ema_by_the_demo_recipe_and_leaves_the_run_unchanged(tiny_sd, tmp_path,
                                                                                        monkeypatch):
     """curve_interval: points at 0 (the base model), every interval and the end, each from sample.py's one-step
-    images of the EMA UNet scored by eval_fid.py; the training itself is bit-identical to a run without it."""
+    images of the EMA UNet scored by eval_fid.py, and a scratch run's curve never mixes in an earlier run's points;
+    the training itself is bit-identical to a run without it."""
     import eval_fid
     from prepare_fmnist import captions_for
     rows = [{"id": i, "label": i % 10, "captions": captions_for(i % 10)} for i in range(16)]
@@ -460,6 +461,8 @@ def test_learning_curve_scores_the_ema_by_the_demo_recipe_and_leaves_the_run_unc
     (tmp_path / "sample_cfg.py").write_text(f"prompts = '{tmp_path / 'prompts.txt'}'\nseed = 10**6\nbatch_size = 8\n")
     data = tmp_path / "fmnist"
     d2o.main(run_args(tiny_sd, data, tmp_path / "plain", "--ckpt_interval=4"))
+    (tmp_path / "curve").mkdir()
+    (tmp_path / "curve" / "curve.jsonl").write_text('{"iter": 100, "images_seen": 3200, "n": 500}\n')  # a stale run
     d2o.main(run_args(tiny_sd, data, tmp_path / "curve", "--ckpt_interval=4", "--curve_interval=3", "--curve_per_prompt=3",
                       f"--curve_sample_config={tmp_path / 'sample_cfg.py'}", f"--curve_cache_dir={tmp_path / 'cache'}"))
     curve = [json.loads(line) for line in (tmp_path / "curve" / "curve.jsonl").read_text().splitlines()]
