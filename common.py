@@ -483,13 +483,13 @@ def peak_memory_gb(device):
 # ----------------------------------------------------------------------------- checkpoints, RNG
 
 
-def start_log(out_dir, init_from, d, logs=("log.jsonl",)):
+def start_log(out_dir, init_from, d, also=()):
     """Path of the run's JSON-lines log (out_dir/log.jsonl): a scratch run starts it and the run's other logs
-    (d2o's curve.jsonl) anew and drops an earlier run's ckpt.pt (start_run only lets it through with
+    (`also`: d2o's curve.jsonl) anew and drops an earlier run's ckpt.pt (start_run only lets it through with
     overwrite=True); a resumed one appends."""
     path = os.path.join(out_dir, "log.jsonl")
     if d.master and init_from == "scratch":
-        for old in [os.path.join(out_dir, f) for f in logs] + [os.path.join(out_dir, "ckpt.pt")]:
+        for old in (path, os.path.join(out_dir, "ckpt.pt"), *(os.path.join(out_dir, f) for f in also)):
             if os.path.exists(old):
                 os.remove(old)
     return path

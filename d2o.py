@@ -725,7 +725,7 @@ def main(argv):
     if d.master:
         os.makedirs(out_dir, exist_ok=True)
         save_json(config, os.path.join(out_dir, "config.json"))
-    log_path = start_log(out_dir, init_from, d, logs=("log.jsonl", "curve.jsonl"))
+    log_path = start_log(out_dir, init_from, d, also=("curve.jsonl",))
 
     def save_checkpoint():
         require_finite(g_params + ema_params, "the generator")  # never replace a good checkpoint with a broken one
