@@ -71,16 +71,21 @@ demo-d2o: data
 	$(PY) d2o.py config/fmnist_d2o.py --overwrite=True
 
 # HiPA's other tasks (paper 4.2-4.4) on the tiny task teachers in assets/, each on the same 500 Fashion-MNIST test
-# images: editing (SDEdit at strength $(STRENGTH) with the t2i model and its adaptor, trained first if absent),
+# images: editing (SDEdit at strength $(STRENGTH) with the t2i model and its adaptor, trained first if absent, and
+# with an adaptor trained for editing: an extension),
 # inpainting (the paper's 50% peripheral mask), x4 super-resolution (8 -> 32). Per task: teacher 15 and 25 steps,
-# base 1 step, HiPA 1 step, evaluated against the test set (FID, caption accuracy) and the ground truth (RMSE).
+# base 1 step, HiPA 1 step, evaluated against the test set (FID, caption accuracy) and the ground truth (RMSE; for
+# editing: the input).
 TASKS := out/demo-tasks
 COMMA := ,
-STRENGTH := 0.6
+# Editing is text-guided: each test image with the caption of another class (caption accuracy then scores the
+# edit), at diffusers img2img's default strength.
+STRENGTH := 0.8
+LORA_EDIT := out/hipa-fmnist-edit/pytorch_lora_weights.safetensors
 LORA_INPAINT := out/hipa-fmnist-inpaint/pytorch_lora_weights.safetensors
 LORA_X4 := out/hipa-fmnist-x4/pytorch_lora_weights.safetensors
 TSAMPLE := $(PY) sample.py --skip_existing=False --grid=False --batch_size=100 --guidance=2.0
-# $(call task_table,OUT,MODEL ARGS,INPUTS,LORA,GROUND TRUTH[,BASELINE FOLDER + ','])
+# $(call task_table,OUT,MODEL ARGS,INPUTS,LORA,GROUND TRUTH[,BASELINE FOLDER + ','][,',' + MORE ROWS])
 # The table's first row is the ground truth itself: the floor of FID(fmnist-clf) at 500 images.
 define task_table
 	$(TSAMPLE) $(2) --init_images=$(3) --steps=15 --out_dir=$(1)/teacher-15step
@@ -88,17 +93,21 @@ define task_table
 	$(TSAMPLE) $(2) --init_images=$(3) --steps=1 --out_dir=$(1)/base-1step
 	$(TSAMPLE) $(2) --init_images=$(3) --steps=1 --lora=$(4) --out_dir=$(1)/hipa-1step
 	$(TSAMPLE) $(2) --init_images=$(3) --lora=$(4) --compare=True --teacher_steps=25 --out_dir=$(1)
-	$(PY) eval_fid.py --gen=$(5),$(6)$(1)/teacher-15step,$(1)/teacher-25step,$(1)/base-1step,$(1)/hipa-1step \
+	$(PY) eval_fid.py --gen=$(5),$(6)$(1)/teacher-15step,$(1)/teacher-25step,$(1)/base-1step,$(1)/hipa-1step$(7) \
 		--paired=$(5) --out=$(1)/metrics.json
 endef
 demo-tasks: data
 	@[ -f $(LORA) ] || $(PY) hipa.py config/fmnist_hipa.py --overwrite=True
+	$(PY) hipa.py config/fmnist_hipa_edit.py --strength=$(STRENGTH) --overwrite=True
 	$(PY) hipa.py config/fmnist_hipa_inpaint.py --overwrite=True
 	$(PY) hipa.py config/fmnist_hipa_x4.py --overwrite=True
 	$(PY) -c 'import common; common.export_split("data/fmnist", "test", 500, "$(TASKS)/truth"); \
+		common.export_split("data/fmnist", "test", 500, "$(TASKS)/edit-input", other_class=True); \
 		common.export_split("data/fmnist", "test", 500, "$(TASKS)/low-res", factor=4); \
 		common.export_split("data/fmnist", "test", 500, "$(TASKS)/bicubic", factor=4, bicubic_up=True)'
-	$(call task_table,$(TASKS)/edit,--model=assets/tiny-sd-fmnist --strength=$(STRENGTH),$(TASKS)/truth,$(LORA),$(TASKS)/truth)
+	$(TSAMPLE) --model=assets/tiny-sd-fmnist --strength=$(STRENGTH) --init_images=$(TASKS)/edit-input --steps=1 \
+		--lora=$(LORA_EDIT) --out_dir=$(TASKS)/edit/hipa-edit-1step
+	$(call task_table,$(TASKS)/edit,--model=assets/tiny-sd-fmnist --strength=$(STRENGTH),$(TASKS)/edit-input,$(LORA),$(TASKS)/edit-input,,$(COMMA)$(TASKS)/edit/hipa-edit-1step)
 	$(call task_table,$(TASKS)/inpaint,--model=assets/tiny-sd-fmnist-inpaint --mask=periphery,$(TASKS)/truth,$(LORA_INPAINT),$(TASKS)/truth)
 	$(call task_table,$(TASKS)/x4,--model=assets/tiny-sd-fmnist-x4,$(TASKS)/low-res,$(LORA_X4),$(TASKS)/truth,$(TASKS)/bicubic$(COMMA))
 	@echo "tables: $(TASKS)/{edit,inpaint,x4}/metrics.json; grids: $(TASKS)/{edit,inpaint,x4}/compare.png"

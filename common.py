@@ -360,14 +360,18 @@ def downsample(images, factor):
     return F.interpolate(images.float(), size=(h // factor, w // factor), mode="bicubic", antialias=True).clamp(-1, 1)
 
 
-def export_split(data_dir, split, n, out_dir, factor=1, bicubic_up=False):
+def export_split(data_dir, split, n, out_dir, factor=1, bicubic_up=False, other_class=False):
     """The first n images of a prepared split as out_dir/{i:06d}.png (downsampled by `factor`, antialiased
     bicubic, as the x4 task's low-res inputs) with metadata.jsonl (file_name, prompt: the first caption): inputs
     for sample.py --init_images and ground truth for eval_fid.py --paired. bicubic_up: the low-res images
-    upsampled back (bicubic), the no-model baseline of super-resolution."""
+    upsampled back (bicubic), the no-model baseline of super-resolution. other_class (Fashion-MNIST): the prompt
+    is the first caption of another class, (label + 1 + i mod 9) mod 10, every other class equally often: the
+    target of a text-guided edit, which caption accuracy then scores."""
     images, rows = load_split(data_dir, split)
     if n > len(rows):
         raise SystemExit(f"data error: {data_dir} {split} has {len(rows)} images, fewer than {n}")
+    if other_class and "label" not in rows[0]:
+        raise SystemExit(f"data error: other_class needs class labels, which {data_dir} {split} has not")
     from PIL import Image
     os.makedirs(out_dir, exist_ok=True)
     x = images_to_tensor(images[:n])
@@ -376,7 +380,12 @@ def export_split(data_dir, split, n, out_dir, factor=1, bicubic_up=False):
     arr = ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
     for i, a in enumerate(arr):
         Image.fromarray(a).save(os.path.join(out_dir, f"{i:06d}.png"))
-    write_jsonl([{"file_name": f"{i:06d}.png", "prompt": rows[i]["captions"][0]} for i in range(n)],
+    if other_class:
+        from prepare_fmnist import captions_for
+        prompts = [captions_for((rows[i]["label"] + 1 + i % 9) % 10)[0] for i in range(n)]
+    else:
+        prompts = [rows[i]["captions"][0] for i in range(n)]
+    write_jsonl([{"file_name": f"{i:06d}.png", "prompt": p} for i, p in enumerate(prompts)],
                 os.path.join(out_dir, "metadata.jsonl"))
 
 

@@ -22,7 +22,8 @@ the UNet's extra input (the masked image and its mask, or the image downsampled 
 low-res input, noised to noise_level), the same for teacher and student; the rest is unchanged. Editing
 (SDEdit) as the paper does it needs no training: it reuses the t2i adaptor (sample.py --init_images
 --strength). task=edit (an extension, not in the paper) trains an adaptor for it: the student's one step from
-the example's image noised to t = strength x T, the teacher's N steps from the same point.
+the example's image noised to t = strength x T, the teacher's N steps from the same point, both toward a caption
+of another example (edit_captions).
 
 Reads top to bottom: config, LoRA, losses (DISTS, high-pass, Sobel), teacher targets, training loop.
 """
@@ -53,7 +54,9 @@ model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), 
 task = "t2i"  # 't2i', 'edit' (SDEdit from real images, t2i model), 'inpaint' (an inpainting model), 'upscale' (x4)
 data_dir = "data/fmnist"  # prepared data: t2i reads only the captions (the teacher makes the targets); edit,
 # inpaint and upscale also read the images, at the output size, for the edited / masked / low-res inputs
-strength = 0.6  # edit: SDEdit's strength (the adaptor learns the one step from t = strength x T; in (0, 1])
+strength = 0.8  # edit: SDEdit's strength (the adaptor learns the one step from t = strength x T; in (0, 1])
+edit_captions = "other"  # edit: example k's prompt, a caption of another row ('other': text-guided editing, image k
+# toward another caption) or of image k ('own': re-generation)
 mask = "periphery"  # inpaint: 'periphery' (the paper's: 50% of the pixels masked around a kept centre), 'center', PNG
 noise_level = 20  # upscale: the low-res input's noise augmentation (StableDiffusionUpscalePipeline's default)
 split = "train"
@@ -421,11 +424,15 @@ def adaptation_loss(x1, xT, dists, kind):
 # ----------------------------------------------------------------------------- teacher and student
 
 
-def example_prompts(rows, n, base_seed):
-    """Example k's prompt: one caption, picked at random, of caption row k (mod the number of rows)."""
-    pick = torch.Generator().manual_seed(base_seed)
-    return [rows[k % len(rows)]["captions"][torch.randint(len(rows[k % len(rows)]["captions"]), (1,),
-                                                          generator=pick).item()] for k in range(n)]
+def example_prompts(rows, n, base_seed, other=False):
+    """Example k's prompt: one caption, picked at random, of caption row k (mod the number of rows), or with
+    other=True of a random other row (text-guided editing: image k edited toward another row's caption)."""
+    pick, prompts = torch.Generator().manual_seed(base_seed), []
+    for k in range(n):
+        shift = 1 + torch.randint(len(rows) - 1, (1,), generator=pick).item() if other else 0
+        row = rows[(k + shift) % len(rows)]
+        prompts.append(row["captions"][torch.randint(len(row["captions"]), (1,), generator=pick).item()])
+    return prompts
 
 
 def epoch_examples(rows, n, epoch):
@@ -433,7 +440,8 @@ def epoch_examples(rows, n, epoch):
     noise_seed + k. With vary_per_epoch every epoch has its own (COCO's ~5 captions per image all get used, and
     no (prompt, noise, target) triple repeats); without it, epoch 0's pairs every epoch."""
     e = epoch if vary_per_epoch else 0
-    return example_prompts(rows, n, seed + 1_000_003 * e), seed + e * n
+    other = task == "edit" and edit_captions == "other"
+    return example_prompts(rows, n, seed + 1_000_003 * e, other), seed + e * n
 
 
 def weights_fingerprint(*modules):
@@ -573,6 +581,8 @@ def main(argv):
         raise SystemExit(f"config error: ema_decay must be < 1, got {ema_decay}")
     if task not in ("t2i", "edit", "inpaint", "upscale"):
         raise SystemExit(f"config error: task must be 't2i', 'edit', 'inpaint' or 'upscale', not '{task}'")
+    if edit_captions not in ("own", "other"):
+        raise SystemExit(f"config error: edit_captions must be 'own' or 'other', not '{edit_captions}'")
     if task == "edit" and not 0 < strength <= 1:
         raise SystemExit(f"config error: strength must be in (0, 1], not {strength}")
     kind = "t2i" if task == "edit" else task  # the model's kind: editing adapts a t2i model
@@ -588,6 +598,8 @@ def main(argv):
 
     # --- data: n (prompt, noise seed) examples per epoch (epoch_examples), their teacher targets cached
     images, rows = load_split(data_dir, split, need_images=task != "t2i")
+    if task == "edit" and edit_captions == "other" and len(rows) < 2:
+        raise SystemExit(f"config error: edit_captions='other' needs at least two images in {data_dir} {split}")
     n = num_examples or len(rows)
     prompts, noise_seed = epoch_examples(rows, n, 0)
     iters_per_epoch = n // batch_size
@@ -595,8 +607,8 @@ def main(argv):
         raise SystemExit(f"config error: {n} examples are fewer than one batch of {batch_size}")
     max_iters = epochs * iters_per_epoch
     val_prompts = list(dict.fromkeys(r["captions"][0] for r in rows[:1000]))[:num_val_prompts]
-    if task != "t2i":  # the first examples' images and their own captions
-        val_prompts = [rows[k]["captions"][0] for k in range(min(num_val_prompts, len(rows)))]
+    if task != "t2i":  # the first examples' images with their prompts (edit_captions='other': another image's)
+        val_prompts = prompts[:min(num_val_prompts, len(rows))]
 
     # --- models: frozen SD, LoRA on the UNet (LoRA off = the teacher)
     tokenizer, text_encoder, vae, unet, scheduler = load_sd(model, d.device)

@@ -10,7 +10,7 @@ the UNet's weights, so it costs nothing at inference) or a D2O UNet.
 HiPA's other tasks take input images, --init_images=DIR (its PNGs in sorted order, prompts from DIR/metadata.jsonl
 'file_name'/'prompt' when present, else --prompts): output i belongs to input i. The task follows from the model:
 
-    python sample.py --init_images=DIR --strength=0.6 --steps=1                 # editing (SDEdit), t2i model
+    python sample.py --init_images=DIR --strength=0.8 --steps=1                 # editing (SDEdit), t2i model
     python sample.py --model=assets/tiny-sd-fmnist-inpaint --init_images=DIR --mask=periphery   # inpainting
     python sample.py --model=assets/tiny-sd-fmnist-x4 --init_images=DIR_8px     # x4 super-resolution, 8 -> 32
 

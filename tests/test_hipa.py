@@ -282,6 +282,18 @@ def test_each_epoch_draws_new_captions_and_noise(captions, monkeypatch):
     assert hipa.epoch_examples(rows, 16, 3) == (p0, s0)
 
 
+def test_text_guided_edit_examples_take_another_rows_caption(monkeypatch):
+    """task=edit, edit_captions='other': example k (image k) is edited toward a caption of a random other row;
+    'own' keeps image k's captions (re-generation)."""
+    rows = [{"id": i, "captions": [f"caption {i} a", f"caption {i} b"]} for i in range(5)]
+    monkeypatch.setattr(hipa, "task", "edit")
+    monkeypatch.setattr(hipa, "edit_captions", "other")
+    row_of = [int(p.split()[1]) for p in hipa.epoch_examples(rows, 40, 0)[0]]
+    assert all(r != k % 5 for k, r in enumerate(row_of)) and set(row_of) == set(range(5))
+    monkeypatch.setattr(hipa, "edit_captions", "own")
+    assert [int(p.split()[1]) for p in hipa.epoch_examples(rows, 40, 0)[0]] == [k % 5 for k in range(40)]
+
+
 def test_non_finite_loss_skips_the_step(tiny_sd, captions, tmp_path, monkeypatch):
     real = hipa.adaptation_loss
     n = []

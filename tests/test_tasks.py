@@ -326,6 +326,7 @@ def test_task_targets_are_cached_per_task_input(tiny_inpaint, images, tmp_path, 
     ("upscale", "sr", 32, "task must be 't2i', 'edit', 'inpaint' or 'upscale'"),
     ("inpaint", "edit", 16, "task 'edit' but .* is a inpaint model"),
     ("t2i", "edit --strength=1.5", 16, r"strength must be in \(0, 1\]"),
+    ("t2i", "edit --edit_captions=mine", 16, "edit_captions must be 'own' or 'other'"),
 ])
 def test_task_config_errors_are_one_line(tiny_sd, tiny_inpaint, tiny_x4, images, tmp_path, which, task, size, message):
     import hipa
@@ -356,3 +357,22 @@ def test_exported_split_is_the_data_in_order_with_its_captions(images, tmp_path)
     assert np.abs(np.stack(low) / 127.5 - 1 - expected.permute(0, 2, 3, 1).numpy()).max() <= 1 / 127.5
     meta = [json.loads(line) for line in open(tmp_path / "low" / "metadata.jsonl")]
     assert [m["prompt"] for m in meta] == [r["captions"][0] for r in rows[:5]]
+
+
+def test_editing_inputs_ask_for_another_class(images, tmp_path):
+    """make demo-tasks' editing inputs: the test images with the caption of another class, each other class
+    equally often, so caption accuracy scores whether the edit follows the text; data without labels is refused."""
+    from collections import Counter
+    from common import export_split, write_split
+    from eval_fid import prompt_class
+    from prepare_fmnist import captions_for
+    labels = [3] * 18 + [0] * 9
+    rows = [{"id": i, "label": k, "captions": captions_for(k)} for i, k in enumerate(labels)]
+    write_split(str(tmp_path / "data"), "test", np.zeros((len(labels), 8, 8, 3), np.uint8), rows, source="test")
+    export_split(str(tmp_path / "data"), "test", len(labels), str(tmp_path / "edit"), other_class=True)
+    targets = [prompt_class(json.loads(line)["prompt"]) for line in open(tmp_path / "edit" / "metadata.jsonl")]
+    assert Counter(targets[:18]) == {k: 2 for k in range(10) if k != 3}
+    assert Counter(targets[18:]) == {k: 1 for k in range(1, 10)}
+    with pytest.raises(SystemExit, match="class labels"):
+        export_split(images[32], "train", 4, str(tmp_path / "unlabelled"), other_class=True)
+    assert not (tmp_path / "unlabelled").exists()
