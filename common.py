@@ -527,10 +527,18 @@ def atomic_save(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, config=None, verbose=False):
+    """A trainer's ckpt.pt. A resumed run goes on with the settings it is given now (a longer run is the usual
+    point); with `config` and verbose, the ones that differ from the checkpoint's run are printed."""
     if not os.path.exists(path):
         raise SystemExit(f"resume error: no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    old = ck.get("config", {}) if config is not None and verbose else {}
+    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in config.items() if k in old and k not in ("init_from", "overwrite")
+               and json.dumps(old[k], default=str) != json.dumps(v, default=str)] if old else []
+    if changed:
+        print("resume: settings that differ from the checkpoint's run: " + ", ".join(changed))
+    return ck
 
 
 def rng_state():

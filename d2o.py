@@ -705,7 +705,7 @@ def main(argv):
     opt_d = torch.optim.Adam(d_params, lr=d_lr * c, betas=(0.0, 0.99 ** c), eps=1e-8)
     it = 0
     if init_from == "resume":
-        ck = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        ck = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), config, d.master)
         if sorted(ck["g"]) != sorted(g_names):
             raise SystemExit("resume error: the checkpoint trains other UNet parameters (another freeze level?)")
         with torch.no_grad():

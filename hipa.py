@@ -657,7 +657,7 @@ def main(argv):
     ema = [p.detach().clone() for p in params] if ema_decay > 0 else None
     it = 0
     if init_from == "resume":
-        ck = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        ck = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), config, d.master)
         if [tuple(v.shape) for v in ck["lora"]] != [tuple(p.shape) for p in params]:
             raise SystemExit(f"resume error: {out_dir}/ckpt.pt holds an adaptor of other LoRA targets or rank "
                              f"(its config: lora_targets={ck['config']['lora_targets']}, "

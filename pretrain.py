@@ -439,7 +439,7 @@ def main(argv):
     data_gen = torch.Generator().manual_seed(seed + 1000 * d.rank)  # which rows and captions this rank reads
     it = 0
     if init_from == "resume":
-        ck = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        ck = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), config, d.master)
         vae.load_state_dict(ck["vae"])
         denoiser.load_state_dict(ck["denoiser"])
         ema.load_state_dict(ck["ema"])

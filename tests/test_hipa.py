@@ -365,6 +365,17 @@ def test_resume_with_other_lora_targets_or_rank_is_one_clear_error(tiny_sd, capt
             hipa.main(run_args(tiny_sd, captions, out, "--epochs=2", "--init_from=resume", *extra))
 
 
+def test_resume_names_the_settings_that_changed(tiny_sd, captions, tmp_path, capsys):
+    """A resumed run goes on with the settings given now; the ones that differ from the checkpoint's are named."""
+    out = tmp_path / "r"
+    hipa.main(run_args(tiny_sd, captions, out, "--epochs=1"))
+    capsys.readouterr()
+    hipa.main(run_args(tiny_sd, captions, out, "--epochs=2", "--init_from=resume", "--w_sobel=0.25"))
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("resume:")]
+    assert len(lines) == 1 and "epochs 1 -> 2" in lines[0] and "w_sobel" in lines[0] and "-> 0.25" in lines[0]
+    assert "init_from" not in lines[0] and lines[0].count("->") == 2
+
+
 def test_teacher_cache_key_covers_every_weight_and_the_dtype(sd):
     tokenizer, text_encoder, vae, unet, scheduler = sd
     before = hipa.weights_fingerprint(unet, text_encoder)
