@@ -55,8 +55,7 @@ task = "t2i"  # 't2i', 'edit' (SDEdit from real images, t2i model), 'inpaint' (a
 data_dir = "data/fmnist"  # prepared data: t2i reads only the captions (the teacher makes the targets); edit,
 # inpaint and upscale also read the images, at the output size, for the edited / masked / low-res inputs
 strength = 0.8  # edit: SDEdit's strength (the adaptor learns the one step from t = strength x T; in (0, 1])
-edit_captions = "other"  # edit: example k's prompt, a caption of another row ('other': text-guided editing, image k
-# toward another caption) or of image k ('own': re-generation)
+edit_captions = "other"  # edit: image k's prompt, another row's caption ('other': text-guided) or its own ('own')
 mask = "periphery"  # inpaint: 'periphery' (the paper's: 50% of the pixels masked around a kept centre), 'center', PNG
 noise_level = 20  # upscale: the low-res input's noise augmentation (StableDiffusionUpscalePipeline's default)
 split = "train"
