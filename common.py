@@ -533,12 +533,17 @@ def load_checkpoint(path, config=None, verbose=False):
     if not os.path.exists(path):
         raise SystemExit(f"resume error: no checkpoint at {path}")
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    old = ck.get("config", {}) if config is not None and verbose else {}
-    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in config.items() if k in old and k not in ("init_from", "overwrite")
-               and json.dumps(old[k], default=str) != json.dumps(v, default=str)] if old else []
-    if changed:
-        print("resume: settings that differ from the checkpoint's run: " + ", ".join(changed))
+    if verbose and config is not None:
+        changed = changed_settings(ck.get("config", {}), config, skip=("init_from", "overwrite"))
+        if changed:
+            print("resume: settings that differ from the checkpoint's run: " + ", ".join(changed))
     return ck
+
+
+def changed_settings(old, new, skip=()):
+    """'key old -> new' for each setting that differs between two runs' settings (a key one of them lacks reads
+    None): sample.py's refusal to mix images, a trainer's resume."""
+    return [f"{k} {old.get(k)} -> {new.get(k)}" for k in {**new, **old} if k not in skip and old.get(k) != new.get(k)]
 
 
 def rng_state():

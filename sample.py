@@ -32,9 +32,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import (autocast, ddim_sample, decode, encode_prompts, fp32_output, images_to_tensor, latent_shape,
-                    load_low_res_scheduler, load_sd, make_mask, model_task, save_grid, save_json, seeded_noise,
-                    setup_ddp, task_input, torch_dtype, vae_factor, write_jsonl)
+from common import (autocast, changed_settings, ddim_sample, decode, encode_prompts, fp32_output, images_to_tensor,
+                    latent_shape, load_low_res_scheduler, load_sd, make_mask, model_task, save_grid, save_json,
+                    seeded_noise, setup_ddp, task_input, torch_dtype, vae_factor, write_jsonl)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model: hub id or folder
@@ -121,8 +121,7 @@ def start_out_dir(settings, d):
     old = json.load(open(path)) if os.path.exists(path) else None
     images = [f for f in os.listdir(out_dir) if re.fullmatch(r"\d{6}\.png", f)]
     if skip_existing and images and old != settings:
-        what = ", ".join(f"{k} {old.get(k)} -> {settings.get(k)}" for k in {**settings, **old}
-                         if old.get(k) != settings.get(k)) if old else "no settings.json"
+        what = ", ".join(changed_settings(old, settings)) if old else "no settings.json"
         raise SystemExit(f"sample error: {out_dir} holds images made with other settings ({what}); "
                          f"use another out_dir or --skip_existing=False")
     if d.master:
