@@ -365,7 +365,7 @@ def export_split(data_dir, split, n, out_dir, factor=1, bicubic_up=False, other_
     bicubic, as the x4 task's low-res inputs) with metadata.jsonl (file_name, prompt: the first caption): inputs
     for sample.py --init_images and ground truth for eval_fid.py --paired. bicubic_up: the low-res images
     upsampled back (bicubic), the no-model baseline of super-resolution. other_class (Fashion-MNIST): the prompt
-    is the first caption of another class, (label + 1 + i mod 9) mod 10, every other class equally often: the
+    is the first caption of another class, (label + 1 + i mod (C - 1)) mod C, every other class equally often: the
     target of a text-guided edit, which caption accuracy then scores."""
     images, rows = load_split(data_dir, split)
     if n > len(rows):
@@ -381,8 +381,9 @@ def export_split(data_dir, split, n, out_dir, factor=1, bicubic_up=False, other_
     for i, a in enumerate(arr):
         Image.fromarray(a).save(os.path.join(out_dir, f"{i:06d}.png"))
     if other_class:
-        from prepare_fmnist import captions_for
-        prompts = [captions_for((rows[i]["label"] + 1 + i % 9) % 10)[0] for i in range(n)]
+        from prepare_fmnist import CLASSES, captions_for
+        c = len(CLASSES)
+        prompts = [captions_for((rows[i]["label"] + 1 + i % (c - 1)) % c)[0] for i in range(n)]
     else:
         prompts = [rows[i]["captions"][0] for i in range(n)]
     write_jsonl([{"file_name": f"{i:06d}.png", "prompt": p} for i, p in enumerate(prompts)],
