@@ -4,14 +4,21 @@ the prepared-data format, loading an SD-format model, prompt encoding, the x0 fo
 DDIM sampling, DDP set-up, atomic checkpoint I/O, the torch.compile gradient check, image grids.
 The methods themselves live in their own files (hipa.py, d2o.py, pretrain.py).
 """
+import atexit
 import contextlib
 import json
 import math
 import os
 import random
+import shutil
+import signal
+import socket
+import sys
+import time
 import urllib.request
 import weakref
 from collections import namedtuple
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -94,27 +101,137 @@ def save_json(obj, path):
 # ----------------------------------------------------------------------------- models
 
 
+# The families this repository loads, from the pipeline class in the model's model_index.json (diffusers'
+# save_pretrained writes it; without one, the folders decide). Everything else is refused in one line.
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
+            "StableDiffusionInpaintPipeline": "sd", "StableDiffusionUpscalePipeline": "sd",
+            "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
+            "StableDiffusionXLInpaintPipeline": "sdxl"}
+SUPPORTED = ("SD 1.x / 2.x (StableDiffusionPipeline, its inpainting and x4 upscaler) and SDXL "
+             "(StableDiffusionXLPipeline, its inpainting)")
+PARTS = {"sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+         "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
+
+# The text side of a model: its tokenizers and text encoders (one of each for SD 1.x/2.x; two for SDXL, CLIP ViT-L
+# and OpenCLIP ViT-bigG with projection) and whether guidance's unconditional branch is zeros instead of the
+# encoded empty prompt (the SDXL pipelines' force_zeros_for_empty_prompt, true for SDXL base).
+Text = namedtuple("Text", "tokenizers encoders zero_uncond")
+
+
+@dataclass
+class Cond:
+    """The text conditioning of a batch: everything a UNet call takes besides x and t, and what D2O's
+    discriminator reads. hidden (B, L, D): what the UNet cross-attends to. pooled (B, P): one vector per prompt
+    (SD: CLIP's pooled output, read only by D2O's discriminator; SDXL: text_encoder_2's projected text_embeds,
+    which its UNet also takes). time_ids (B, 6): SDXL's size conditioning (original size, crop top-left, target
+    size); None for SD 1.x/2.x, whose UNet takes neither."""
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+    time_ids: torch.Tensor = None
+
+    def map(self, fn):
+        return Cond(fn(self.hidden), fn(self.pooled), None if self.time_ids is None else fn(self.time_ids))
+
+    def to(self, *args, **kwargs):
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def __getitem__(self, index):
+        return self.map(lambda t: t[index])
+
+    def expand(self, n):
+        return self.map(lambda t: t.expand(n, *t.shape[1:]))
+
+    def __len__(self):
+        return len(self.hidden)
+
+    @property
+    def dtype(self):
+        return self.hidden.dtype
+
+    @staticmethod
+    def cat(conds):
+        return Cond(*(None if parts[0] is None else torch.cat(parts)
+                      for parts in zip(*((c.hidden, c.pooled, c.time_ids) for c in conds))))
+
+    def unet_kwargs(self):
+        added = None if self.time_ids is None else {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return {"encoder_hidden_states": self.hidden, "added_cond_kwargs": added}
+
+
+def is_sdxl(unet):
+    """SDXL's UNet takes the pooled text and the size as an added embedding ('text_time')."""
+    return unet.config.get("addition_embed_type") == "text_time"
+
+
+def is_hub_id(path):
+    """ORG/NAME that is not a local folder is a hub id: from_pretrained finds it in the HF cache (HF_HOME), or
+    downloads it unless HF_HUB_OFFLINE=1. Anything else is a folder."""
+    return not os.path.isdir(path) and not path.startswith((".", "/")) and path.count("/") == 1
+
+
+def read_model_index(path, hub_id):
+    """The model's model_index.json as a dict ({} where it has none, or a hub id's is not in the local cache)."""
+    try:
+        if hub_id:
+            from huggingface_hub import hf_hub_download
+            path = os.path.dirname(hf_hub_download(path, "model_index.json"))
+        with open(os.path.join(path, "model_index.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # the parts' own loading errors say the rest
+        return {}
+
+
+def model_family(path, hub_id):
+    """'sd' or 'sdxl', found from the model itself (its pipeline class, else its folders); one clear line for a
+    family this repository does not load."""
+    index = read_model_index(path, hub_id)
+    kind = index.get("_class_name")
+    if kind is None:  # a folder of parts: SDXL has a second text encoder; SD3, FLUX, PixArt a transformer
+        if not hub_id and os.path.isdir(os.path.join(path, "transformer")):
+            raise SystemExit(f"model error: {path} holds a transformer, not a UNet (SD3, FLUX, PixArt?); "
+                             f"supported: {SUPPORTED}")
+        return "sdxl" if not hub_id and os.path.isdir(os.path.join(path, "text_encoder_2")) else "sd"
+    if kind not in FAMILIES:
+        raise SystemExit(f"model error: {path} is a {kind}, which this repository does not load; supported: "
+                         f"{SUPPORTED}")
+    if FAMILIES[kind] == "sdxl" and (index.get("requires_aesthetics_score") or index.get("text_encoder", [None])[0]
+                                     is None):
+        raise SystemExit(f"model error: {path} is an SDXL refiner-style {kind} (one text encoder, aesthetic-score "
+                         f"conditioning), which this repository does not load; supported: {SUPPORTED}")
+    return FAMILIES[kind]
+
+
 def load_sd(path, device="cpu", dtype=torch.float32):
-    """(tokenizer, text_encoder, vae, unet, scheduler) of an SD-format model: hub id or local folder.
-    All frozen (requires_grad False, eval mode). The scheduler is DDIM with trailing spacing (1 step starts at
-    t=T-1, not at the legacy 'leading' t=1) and a final alpha of 1 (the last step returns x0, not x0 re-noised
-    to t=0); the model's own noise schedule and prediction type are kept."""
+    """(text, vae, unet, scheduler) of an SD 1.x/2.x or SDXL model, hub id or local folder, the family found
+    from the model. All frozen (requires_grad False, eval mode). text: Text (tokenizers, encoders, zero_uncond).
+    The scheduler is DDIM with trailing spacing (1 step starts at t=T-1, not at the legacy 'leading' t=1) and a
+    final alpha of 1 (the last step returns x0, not x0 re-noised to t=0); the model's own noise schedule and
+    prediction type are kept (SDXL ships an Euler scheduler with SD's betas: the same alphas_cumprod)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from huggingface_hub import constants
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     path = os.path.expanduser(path)
-    # ORG/NAME that is not a local folder is a hub id: from_pretrained finds it in the HF cache (HF_HOME), or
-    # downloads it unless HF_HUB_OFFLINE=1. Anything else is a folder.
-    hub_id = not os.path.isdir(path) and not path.startswith((".", "/")) and path.count("/") == 1
+    hub_id = is_hub_id(path)
+    family = model_family(path, hub_id)
     if not hub_id:
-        missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-                   if not os.path.isdir(os.path.join(path, d))]
+        missing = [d for d in PARTS[family] if not os.path.isdir(os.path.join(path, d))]
         if missing:
-            raise SystemExit(f"model error: {path} is not an SD-format folder (missing {', '.join(missing)})")
+            raise SystemExit(f"model error: {path} is not an {'SDXL' if family == 'sdxl' else 'SD'}-format folder "
+                             f"(missing {', '.join(missing)})")
+    index = read_model_index(path, hub_id)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
+        encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)]
+        if family == "sdxl":
+            tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                        torch_dtype=dtype))
+        # SDXL's VAE overflows in fp16 (force_upcast in its config; diffusers' SDXL pipeline upcasts it to decode):
+        # it is loaded in fp32 when fp16 is asked for. (SD's: sample.py and bench.py decode in fp32 anyway.)
+        vae_config = AutoencoderKL.load_config(path, subfolder="vae")
+        vae_dtype = torch.float32 if family == "sdxl" and dtype == torch.float16 and vae_config.get(
+            "force_upcast", True) else dtype
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", timestep_spacing="trailing",
                                                   set_alpha_to_one=True)
@@ -125,9 +242,14 @@ def load_sd(path, device="cpu", dtype=torch.float32):
                    + ("HF_HUB_OFFLINE=1 forbids downloading" if constants.HF_HUB_OFFLINE else "the download failed")
                    + f" ({why})")
         raise SystemExit(f"model error: cannot load '{path}': {why}")
-    for m in (text_encoder, vae, unet):
+    if is_sdxl(unet) != (family == "sdxl"):
+        raise SystemExit(f"model error: {path}'s UNet is {'' if is_sdxl(unet) else 'not '}an SDXL UNet, but the "
+                         f"model is laid out as {'SDXL' if family == 'sdxl' else 'SD 1.x/2.x'}")
+    for m in (*encoders, vae, unet):
         m.requires_grad_(False).eval().to(device)
-    return tokenizer, text_encoder, vae, fp32_output(unet), scheduler
+    zero_uncond = family == "sdxl" and index.get("force_zeros_for_empty_prompt", True)  # (the pipeline's default)
+    text = Text(tuple(tokenizers), tuple(encoders), zero_uncond)
+    return text, vae, fp32_output(unet), scheduler
 
 
 class FP32Conv2d(torch.nn.Conv2d):
@@ -150,14 +272,56 @@ def fp32_output(unet):
     return unet
 
 
+def encode_prompts(text, prompts, size=None):
+    """Prompts -> Cond, as diffusers' pipelines encode them. SD 1.x/2.x: the text encoder's last hidden states
+    and its pooled output. SDXL (StableDiffusionXLPipeline.encode_prompt): both encoders' penultimate hidden
+    states concatenated (768 + 1280 = 2048 on SDXL base), text_encoder_2's projected text_embeds, and the time ids
+    of plain generation at size = (height, width) of the images: original size, crop top-left (0, 0), target
+    size. A prompt longer than the tokenizer's max length is truncated, with diffusers' warning."""
+    ids = []
+    for tokenizer in text.tokenizers:
+        ids.append(tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids)
+        whole = tokenizer(list(prompts), padding="longest", return_tensors="pt").input_ids
+        if whole.shape[-1] > ids[-1].shape[-1] and tokenizer is text.tokenizers[0]:
+            removed = tokenizer.batch_decode(whole[:, tokenizer.model_max_length - 1: -1])
+            print(f"warning: the following part of your input was truncated because CLIP can only handle sequences "
+                  f"up to {tokenizer.model_max_length} tokens: {removed}", file=sys.stderr)
+    return encode_ids(text, ids, size)
+
+
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts, pooled=False):
-    """Prompts -> the text encoder's last hidden states (B, L, D), what the UNet cross-attends to
-    (and, with pooled=True, also the pooled output (B, D))."""
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    out = text_encoder(ids.to(text_encoder.device))
-    return (out.last_hidden_state, out.pooler_output) if pooled else out.last_hidden_state
+def encode_ids(text, ids, size=None):
+    """encode_prompts from token ids (one (B, L) tensor per tokenizer)."""
+    if len(text.encoders) == 1:  # SD 1.x/2.x
+        out = text.encoders[0](ids[0].to(text.encoders[0].device))
+        return Cond(out.last_hidden_state, out.pooler_output)
+    assert size is not None, "SDXL's conditioning needs the images' size"
+    outs = [e(i.to(e.device), output_hidden_states=True) for e, i in zip(text.encoders, ids)]
+    hidden = torch.cat([o.hidden_states[-2] for o in outs], -1)
+    time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=hidden.dtype, device=hidden.device)
+    return Cond(hidden, outs[-1].text_embeds, time_ids.expand(len(hidden), -1))
+
+
+def empty_cond(text, size=None):
+    """Guidance's unconditional branch for one image (Cond.expand it): the encoded empty prompt, or zeros (the
+    time ids kept) where the model's pipeline sets force_zeros_for_empty_prompt (SDXL base), as diffusers does."""
+    c = encode_prompts(text, [""], size)
+    return Cond(torch.zeros_like(c.hidden), torch.zeros_like(c.pooled), c.time_ids) if text.zero_uncond else c
+
+
+def guidance_text(text, size=None):
+    """What the generation paths carry: (Text, the unconditional Cond of one image, the images' (height, width)),
+    the unconditional branch computed once."""
+    return text, empty_cond(text, size), size
+
+
+def prompt_conds(gtext, prompts, dtype=None):
+    """(cond, uncond) of a batch of prompts for guided_unet, from guidance_text's triple, in `dtype`."""
+    text, uncond1, size = gtext
+    cond = encode_prompts(text, prompts, size)
+    dtype = dtype or cond.dtype
+    return cond.to(dtype), uncond1.expand(len(prompts)).to(dtype)
 
 
 def predict_x0_eps(model_out, x_t, alpha_bar, prediction_type):
@@ -182,9 +346,9 @@ def guided_unet(unet, x, t, cond, uncond, guidance, image_input=None, class_labe
     if image_input is not None:
         x = torch.cat([x, image_input.to(x.dtype)], 1)
     if uncond is None or guidance == 1:
-        return unet(x, t, encoder_hidden_states=cond, class_labels=class_labels).sample.float()
+        return unet(x, t, **cond.unet_kwargs(), class_labels=class_labels).sample.float()
     labels = None if class_labels is None else torch.cat([class_labels, class_labels])
-    out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond]), class_labels=labels).sample.float()
+    out = unet(torch.cat([x, x]), t, **Cond.cat([uncond, cond]).unet_kwargs(), class_labels=labels).sample.float()
     out_uncond, out_cond = out.chunk(2)  # combined in fp32: under bf16 autocast the difference would be rounded
     return out_uncond + guidance * (out_cond - out_uncond)
 
@@ -274,23 +438,29 @@ def encode(vae, images):
 TASKS = {4: "t2i", 9: "inpaint", 7: "upscale"}
 PIPELINES = {"t2i": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline",
              "upscale": "StableDiffusionUpscalePipeline"}
+SDXL_PIPELINES = {"t2i": "StableDiffusionXLPipeline", "inpaint": "StableDiffusionXLInpaintPipeline"}
 LOW_RES_NOISE_SEED = 10**8  # item k's low-res noise (x4) uses seed base_seed + LOW_RES_NOISE_SEED + k
 
 
 def model_task(unet, path=None):
     """'t2i', 'inpaint' or 'upscale' from the UNet's input channels; a local model_index.json that names another
-    pipeline is one clear error."""
+    pipeline, or an x4 UNet that is SDXL's (there is no SDXL x4 upscaler), is one clear error."""
     task = TASKS.get(unet.config.in_channels)
     if task is None:
         raise SystemExit(f"model error: a UNet with {unet.config.in_channels} input channels is none of "
                          f"t2i (4), inpainting (9), x4 upscaling (7)")
+    pipelines = SDXL_PIPELINES if is_sdxl(unet) else PIPELINES
+    if task not in pipelines:
+        raise SystemExit(f"model error: {path} has an SDXL UNet with {unet.config.in_channels} input channels, an "
+                         "x4 upscaler's; there is no SDXL x4 upscaler (the x4 task takes SD's, "
+                         "stabilityai/stable-diffusion-x4-upscaler)")
     index = os.path.join(path, "model_index.json") if path and os.path.isdir(path) else None
     if index and os.path.exists(index):
         with open(index) as f:
             kind = json.load(f).get("_class_name")
-        if kind in PIPELINES.values() and kind != PIPELINES[task]:
+        if kind in (*PIPELINES.values(), *SDXL_PIPELINES.values()) and kind != pipelines[task]:
             raise SystemExit(f"model error: {path} is a {kind} but its UNet takes {unet.config.in_channels} "
-                             f"input channels ({PIPELINES[task]})")
+                             f"input channels ({pipelines[task]})")
     return task
 
 
@@ -360,6 +530,23 @@ def downsample(images, factor):
     return F.interpolate(images.float(), size=(h // factor, w // factor), mode="bicubic", antialias=True).clamp(-1, 1)
 
 
+# Fashion-MNIST's classes and caption templates: prepare_fmnist.py writes them, export_split's other_class and
+# eval_fid.py's caption accuracy read them.
+CLASSES = ["t-shirt", "pair of trousers", "pullover", "dress", "coat",
+           "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+TEMPLATES = ["a photo of {}", "{}", "a picture of {}", "an image of {}", "a product photo of {}",
+             "a black and white photo of {}"]
+
+
+def with_article(name):
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def captions_for(label):
+    """The captions of a Fashion-MNIST class: its name, with an article, in each template."""
+    return [t.format(with_article(CLASSES[label])) for t in TEMPLATES]
+
+
 def export_split(data_dir, split, n, out_dir, factor=1, bicubic_up=False, other_class=False):
     """The first n images of a prepared split as out_dir/{i:06d}.png (downsampled by `factor`, antialiased
     bicubic, as the x4 task's low-res inputs) with metadata.jsonl (file_name, prompt: the first caption): inputs
@@ -381,7 +568,6 @@ def export_split(data_dir, split, n, out_dir, factor=1, bicubic_up=False, other_
     for i, a in enumerate(arr):
         Image.fromarray(a).save(os.path.join(out_dir, f"{i:06d}.png"))
     if other_class:
-        from prepare_fmnist import CLASSES, captions_for
         c = len(CLASSES)
         prompts = [captions_for((rows[i]["label"] + 1 + i % (c - 1)) % c)[0] for i in range(n)]
     else:
@@ -436,6 +622,7 @@ def start_run(device, init_from, batch_size, grad_accum, seed, out_dir, overwrit
         raise SystemExit(f"resume error: no checkpoint at {os.path.join(out_dir, 'ckpt.pt')}")
     d = setup_ddp(device)
     micro = micro_batch(batch_size, grad_accum, d.world_size)
+    check_out_dir_free(out_dir, d)
     torch.manual_seed(seed * d.world_size + d.rank)
     return d, micro
 
@@ -493,16 +680,159 @@ def peak_memory_gb(device):
 # ----------------------------------------------------------------------------- checkpoints, RNG
 
 
-def start_log(out_dir, init_from, d, also=()):
-    """Path of the run's JSON-lines log (out_dir/log.jsonl): a scratch run starts it and the run's other logs
-    (`also`: d2o's curve.jsonl) anew and drops an earlier run's ckpt.pt (start_run only lets it through with
-    overwrite=True); a resumed one appends."""
+def start_log(out_dir, init_from, d, also=(), exported=(), resume_iter=None):
+    """Path of the run's JSON-lines log (out_dir/log.jsonl). A scratch run (start_run lets one into an earlier
+    run's out_dir only with overwrite=True) starts it and the run's other logs (`also`: d2o's curve.jsonl) anew,
+    and removes the earlier run's ckpt.pt and exported models (`exported`: the LoRA files, unet/, model/), saying
+    so: a folder never shows one run's model under another run's config. A resumed one keeps the records up to
+    the checkpoint's iteration (`resume_iter`) and appends: the steps after it (a run killed between checkpoints)
+    are made again, and logged once."""
     path = os.path.join(out_dir, "log.jsonl")
-    if d.master and init_from == "scratch":
-        for old in (path, os.path.join(out_dir, "ckpt.pt"), *(os.path.join(out_dir, f) for f in also)):
-            if os.path.exists(old):
+    if not d.master:
+        return path
+    if init_from == "scratch":
+        for old in (path, os.path.join(out_dir, "ckpt.pt"), *(os.path.join(out_dir, f) for f in (*also, *exported))):
+            if os.path.isdir(old):
+                shutil.rmtree(old)
+            elif os.path.exists(old):
                 os.remove(old)
+            else:
+                continue
+            if os.path.basename(old) in exported:
+                print(f"overwrite: removed the earlier run's {old}")
+    elif resume_iter is not None:
+        for log in (path, *(os.path.join(out_dir, f) for f in also)):
+            if os.path.exists(log):
+                with open(log) as f:
+                    records = [json.loads(line) for line in f if line.strip()]
+                kept = [r for r in records if r.get("iter", 0) <= resume_iter]
+                if len(kept) < len(records):
+                    write_jsonl(kept, log)
+                    print(f"resume: {log} cut back to iteration {resume_iter} ({len(records) - len(kept)} records "
+                          "after the checkpoint dropped)")
     return path
+
+
+# ----------------------------------------------------------------------------- preemption, one run per out_dir
+# SLURM (and most schedulers) send SIGTERM, or a chosen signal such as SIGUSR1 some minutes before the kill
+# (sbatch --signal). The trainers finish the step they are in, write a checkpoint and exit with EXIT_STOPPED.
+
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal with a checkpoint written; resume to continue
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def catch_stop_signals():
+    """From now on SIGTERM and SIGUSR1 only set a flag (a dict: {'signal': name or None}) that the training loop
+    reads between steps (stop_requested)."""
+    flag = {"signal": None}
+
+    def handler(signum, frame):
+        flag["signal"] = signal.Signals(signum).name
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+    return flag
+
+
+def stop_requested(flag, d):
+    """Whether any rank was signalled (one MAX all-reduce: every rank stops after the same step)."""
+    stop = torch.tensor(float(flag["signal"] is not None), device=d.device)
+    if d.ddp:
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return stop.item() > 0
+
+
+def stop_run(flag, it, out_dir, d):
+    """The end of a run stopped by a signal, after its checkpoint at iteration `it` is written: one line, then
+    exit code EXIT_STOPPED on every rank."""
+    if d.master:
+        print(f"stopped by {flag['signal'] or 'a signal to another rank'} after iteration {it}: checkpoint "
+              f"{os.path.join(out_dir, 'ckpt.pt')} written; continue with --init_from=resume (exit code {EXIT_STOPPED})")
+    if d.ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    raise SystemExit(EXIT_STOPPED)
+
+
+_held_locks = set()
+
+
+def lock_holder(out_dir):
+    """Who holds out_dir/run.lock ('host pid start time'), or None where no live run does. A lock left by a
+    process that no longer runs on this host is stale (taken over by lock_out_dir); one from another host cannot be
+    checked, so it counts as held. A lock this very process holds (an earlier run of it, in-process) is free."""
+    path = os.path.join(out_dir, "run.lock")
+    try:
+        with open(path) as f:
+            host, pid, started = f.read().split(" ", 2)
+    except (OSError, ValueError):
+        return None
+    if host == socket.gethostname() and (int(pid) == os.getpid() or not _alive(int(pid))):
+        return None
+    return f"{host} pid {pid}, started {started.strip()}"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_out_dir_free(out_dir, d):
+    """One clear line on every rank if another live run holds out_dir (checked by rank 0, before anything is
+    loaded or written)."""
+    holder = [lock_holder(out_dir) if d.master else None]
+    if d.ddp:
+        dist.broadcast_object_list(holder, src=0)
+    if holder[0]:
+        raise SystemExit(f"config error: another run is writing to {out_dir} ({holder[0]}; its lock: "
+                         f"{os.path.join(out_dir, 'run.lock')}); wait for it, pick another out_dir, or delete the "
+                         "lock if that run is dead")
+
+
+def lock_out_dir(out_dir):
+    """Take out_dir/run.lock (host, pid, start time) for this process, before its first write into out_dir (rank 0
+    only). A stale lock (its process no longer runs on this host) is taken over, with a line saying so. Released
+    when the process exits."""
+    path = os.path.join(out_dir, "run.lock")
+    if path in _held_locks:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    holder = lock_holder(out_dir)
+    if holder:
+        raise SystemExit(f"config error: another run is writing to {out_dir} ({holder})")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read().strip()
+        if not old.startswith(f"{socket.gethostname()} {os.getpid()} "):
+            print(f"lock: taking over {path} from a run that no longer runs ({old})")
+    with open(path + f".{os.getpid()}", "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    os.replace(path + f".{os.getpid()}", path)
+    if not _held_locks:
+        atexit.register(_release_locks, os.getpid())
+    _held_locks.add(path)
+
+
+def release_out_dir(out_dir):
+    """The end of a run: out_dir/run.lock removed, if this process holds it."""
+    path = os.path.join(out_dir, "run.lock")
+    if path in _held_locks:
+        _held_locks.discard(path)
+        _release_locks(os.getpid(), [path])
+
+
+def _release_locks(pid, paths=None):
+    for path in list(_held_locks) if paths is None else paths:
+        try:
+            with open(path) as f:
+                if f.read().split(" ")[1] == str(pid):
+                    os.remove(path)
+        except (OSError, IndexError):
+            pass
 
 
 def fetch(spec, cache):
@@ -523,9 +853,16 @@ def fetch(spec, cache):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint. A write that fails
+    (a full disk) removes the temp file, keeps the previous checkpoint and stops the run with one line."""
+    try:
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        kept = f"the previous {path} is kept" if os.path.exists(path) else f"there is no earlier {path}"
+        raise SystemExit(f"checkpoint error: cannot write {path} ({e.strerror or e}); {kept}")
 
 
 def load_checkpoint(path, config=None, verbose=False):
@@ -533,7 +870,11 @@ def load_checkpoint(path, config=None, verbose=False):
     point); with `config` and verbose, the ones that differ from the checkpoint's run are printed."""
     if not os.path.exists(path):
         raise SystemExit(f"resume error: no checkpoint at {path}")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated or not a checkpoint at all
+        raise SystemExit(f"resume error: {path} is not a readable checkpoint (truncated or corrupt? "
+                         f"{str(e).splitlines()[0][:200]})")
     if verbose and config is not None:
         changed = changed_settings(ck.get("config", {}), config, skip=("init_from", "overwrite"))
         if changed:
@@ -717,14 +1058,17 @@ def estimate_memory():
 
 
 def sd_from_configs(path, unet_dtype=torch.float32):
-    """(text_encoder, vae, unet, scheduler) of an SD-format model built from its config files alone (local folder
-    or the HF cache: no weights are read): random weights, for estimate_memory."""
+    """(text, vae, unet, scheduler) of an SD 1.x/2.x or SDXL model built from its config files alone (local folder
+    or the HF cache: no weights are read): random weights, for estimate_memory. text has no tokenizers: use
+    placeholder_cond."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    family = model_family(path, is_hub_id(path))
     try:
         configs = [UNet2DConditionModel.load_config(path, subfolder="unet"),
                    AutoencoderKL.load_config(path, subfolder="vae"),
-                   CLIPTextConfig.from_pretrained(path, subfolder="text_encoder")]
+                   *(CLIPTextConfig.from_pretrained(path, subfolder=s)
+                     for s in ("text_encoder", "text_encoder_2")[:1 + (family == "sdxl")])]
         with _disable_current_modes():  # a real noise schedule: the step reads its values
             scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", timestep_spacing="trailing",
                                                       set_alpha_to_one=True)
@@ -737,10 +1081,19 @@ def sd_from_configs(path, unet_dtype=torch.float32):
         unet = UNet2DConditionModel.from_config(configs[0])
     finally:
         torch.set_default_dtype(default)
-    vae, text_encoder = AutoencoderKL.from_config(configs[1]), CLIPTextModel(configs[2])
-    for m in (text_encoder, vae, unet):
+    vae = AutoencoderKL.from_config(configs[1])
+    for c in configs[2:]:
+        c.dtype = torch.float32  # as load_sd loads them (transformers would take the file's, fp16 for SDXL)
+    encoders = [CLIPTextModel(configs[2])] + [CLIPTextModelWithProjection(c) for c in configs[3:]]
+    for m in (*encoders, vae, unet):
         m.requires_grad_(False).eval()
-    return text_encoder, vae, fp32_output(unet), scheduler
+    return Text(None, tuple(encoders), family == "sdxl"), vae, fp32_output(unet), scheduler
+
+
+def placeholder_cond(text, n, size=None):
+    """A batch of n Conds from all-zero token ids: the shapes and dtypes of real conditioning (estimate_memory)."""
+    return encode_ids(text, [torch.zeros(n, e.config.max_position_embeddings, dtype=torch.long)
+                             for e in text.encoders], size)
 
 
 def memory_report(mem, what):

@@ -33,12 +33,13 @@ from tqdm import tqdm
 
 from efficientnet_lite import EfficientNetLite0, load_lite0
 
-from common import (Dist, all_finite, all_reduce_mean, append_log, atomic_save, autocast, check_config, checked_compile,
-                    ddim_sample, decode, encode, encode_prompts, estimate_memory, fp32_output, gather, images_to_tensor,
-                    latent_shape, load_checkpoint, load_sd, load_split, memory_report, micro_batch, one_step_x0,
-                    peak_memory_gb, require_finite, resume_rng, rng_state, save_grid, save_json, sd_from_configs,
-                    seeded_noise, start_log, start_run, start_wandb, stop_if_diverged, vae_factor,
-                    wandb_image)
+from common import (Dist, all_finite, all_reduce_mean, append_log, atomic_save, autocast, catch_stop_signals,
+                    check_config, checked_compile, ddim_sample, decode, encode, estimate_memory, fp32_output, gather,
+                    guidance_text, images_to_tensor, latent_shape, load_checkpoint, load_sd, load_split,
+                    lock_out_dir, memory_report, micro_batch, one_step_x0, peak_memory_gb, placeholder_cond,
+                    prompt_conds, release_out_dir, require_finite, resume_rng, rng_state, save_grid, save_json,
+                    sd_from_configs, seeded_noise, start_log, start_run, start_wandb, stop_if_diverged,
+                    stop_requested, stop_run, vae_factor, wandb_image)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model (hub id or folder): the generator's initialisation
@@ -250,8 +251,11 @@ class TeacherUNetFeatures(nn.Module):
     def forward(self, x):
         z = self.vae.encode(resize(x, self.input_size)).latent_dist.mean * self.vae.config.scaling_factor
         z = math.sqrt(self.alpha_bar) * z + math.sqrt(1 - self.alpha_bar) * torch.randn_like(z)
-        unet, context = self.unet, self.uncond.expand(len(z), -1, -1)
+        unet, context = self.unet, self.uncond.expand(len(z)).to(z.dtype)
         emb = unet.time_embedding(unet.time_proj(torch.full((len(z),), self.t, device=z.device)).to(z.dtype))
+        if context.time_ids is not None:  # SDXL: the pooled text and size embedding, as its forward adds it
+            emb = emb + unet.get_aug_embed(emb, context.hidden, context.unet_kwargs()["added_cond_kwargs"])
+        context = context.hidden
         h = unet.conv_in(z)
         feats = [h]
         for block in unet.down_blocks:
@@ -538,8 +542,7 @@ def load_real_data(root, split_name):
 def validation_grid(teacher, ema, vae, scheduler, text, prompts, shape, device, path):
     """Columns: teacher N-step | base model 1-step | D2O 1-step (EMA); fixed prompts and seeds."""
     x_T = seeded_noise(range(len(prompts)), shape, 10**6).to(device)  # seeds outside any training noise
-    cond = encode_prompts(text[0], text[1], prompts)
-    uncond = text[2].expand(len(prompts), -1, -1)
+    cond, uncond = prompt_conds(text, prompts)
     cols = []
     for unet, steps, w in ((teacher, teacher_steps, teacher_guidance), (teacher, 1, guidance), (ema, 1, guidance)):
         with autocast(device):
@@ -601,30 +604,30 @@ def estimate_step_memory(micro, real_size):
     step, each freeing its graph before the next."""
     cpu, single = torch.device("cpu"), Dist(False, 0, 0, 1, torch.device("cpu"), True)
     with estimate_memory() as mem:
-        text_encoder, vae, teacher, scheduler = sd_from_configs(model)
+        text, vae, teacher, scheduler = sd_from_configs(model)
         G = fp32_output(type(teacher).from_config(teacher.config)).train()  # (no deepcopy of fake tensors)
         freeze_unet(G, freeze, freeze_ff)
         g_params = [p for p in G.parameters() if p.requires_grad]
         ema = type(teacher).from_config(teacher.config).requires_grad_(False)  # held, as in a run
-        width, length = text_encoder.config.hidden_size, text_encoder.config.max_position_embeddings
-        uncond = torch.randn(1, length, width)
         size = resolution or teacher.config.sample_size * vae_factor(vae)
-        D, _ = build_discriminator(backbones, teacher, vae, scheduler, uncond, size, width, cpu, verbose=False)
+        uncond, cond = placeholder_cond(text, 1, (size, size)), placeholder_cond(text, micro, (size, size))
+        pooled = cond.pooled
+        D, _ = build_discriminator(backbones, teacher, vae, scheduler, uncond, size, pooled.shape[-1], cpu,
+                                   verbose=False)
         d_params = list(D.heads.parameters())
         opt_g = torch.optim.Adam(g_params, lr=g_lr, betas=(0.0, 0.99))
         opt_d = torch.optim.Adam(d_params, lr=d_lr, betas=(0.0, 0.99))
         if grad_checkpointing:
             G.enable_gradient_checkpointing(), vae.enable_gradient_checkpointing()
-        cond, pooled = torch.randn(micro, length, width), torch.randn(micro, width)
         real = torch.randn(micro, 3, real_size or size, real_size or size)
         shape = latent_shape(vae, teacher, size, size)
         D.heads.requires_grad_(False)
-        fake = generate(G, scheduler, vae, cond, uncond.expand(micro, -1, -1), shape, cpu)
+        fake = generate(G, scheduler, vae, cond, uncond.expand(micro), shape, cpu)
         generator_loss(D(fake, pooled)).backward()
         D.heads.requires_grad_(True)
         optimizer_step(opt_g, g_params, single)
         with torch.no_grad():
-            fake = generate(G, scheduler, vae, cond, uncond.expand(micro, -1, -1), shape, cpu)
+            fake = generate(G, scheduler, vae, cond, uncond.expand(micro), shape, cpu)
             fake_maps, real_maps = D.features(fake), D.features(real)
         discriminator_loss(*D.fake_and_real(fake_maps, real_maps, pooled, pooled, joint_batch)).backward()
         optimizer_step(opt_d, d_params, single)
@@ -634,6 +637,17 @@ def estimate_step_memory(micro, real_size):
             optimizer_step(opt_d, d_params, single)
         del ema
     return mem
+
+
+def export_unet(ema):
+    """out_dir/unet: the EMA UNet, a plain diffusers folder (safetensors); replaced whole, never half-written."""
+    require_finite(list(ema.parameters()), "the EMA generator")
+    path = os.path.join(out_dir, "unet")
+    ema.save_pretrained(path + ".tmp", safe_serialization=True)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(path + ".tmp", path)
+    print(f"saved {path} (UNet2DConditionModel.from_pretrained loads it; "
+          f"python sample.py --model={model} --unet={path} --guidance={guidance:g})")
 
 
 # ----------------------------------------------------------------------------- main
@@ -670,7 +684,7 @@ def main(argv):
     val_prompts = list(dict.fromkeys(r["captions"][0] for r in rows[:1000]))[:num_val_prompts]
 
     # --- models: frozen teacher, generator G (its trainable copy), EMA of G, discriminator D
-    tokenizer, text_encoder, vae, teacher, scheduler = load_sd(model, d.device)
+    text_model, vae, teacher, scheduler = load_sd(model, d.device)
     factor = vae_factor(vae)
     size = resolution or teacher.config.sample_size * factor
     multiple = factor * 2 ** (len(teacher.config.block_out_channels) - 1)
@@ -681,7 +695,8 @@ def main(argv):
     if not 0 <= unet_feature_t < scheduler.config.num_train_timesteps:
         raise SystemExit(f"config error: unet_feature_t must be a timestep in [0, "
                          f"{scheduler.config.num_train_timesteps}), not {unet_feature_t}")
-    uncond = encode_prompts(tokenizer, text_encoder, [""])
+    text = guidance_text(text_model, (size, size))  # (Text, the unconditional Cond of one image, image size)
+    uncond = text[1]
     G = copy.deepcopy(teacher).train()
     stats = freeze_unet(G, freeze, freeze_ff)
     g_names = [k for k, p in G.named_parameters() if p.requires_grad]
@@ -691,7 +706,7 @@ def main(argv):
     with torch.random.fork_rng(devices=[]):  # D's random parts: the same on every rank and every run
         torch.manual_seed(seed)
         D, d_backbones = build_discriminator(backbones, teacher, vae, scheduler, uncond, size,
-                                             text_encoder.config.hidden_size, d.device, verbose=d.master)
+                                             uncond.pooled.shape[-1], d.device, verbose=d.master)
     d_params = list(D.heads.parameters())
     if d.master:
         print(freeze_table(stats, freeze))
@@ -718,14 +733,15 @@ def main(argv):
         print(f"resumed from {out_dir}/ckpt.pt at iteration {it}")
     generator = G
     if compile:
-        cond = encode_prompts(tokenizer, text_encoder, val_prompts[:2])
+        cond = prompt_conds(text, val_prompts[:2])[0]
         x = seeded_noise([0, 1], shape, seed).to(d.device)
         generator = checked_compile(G, lambda m: one_step_x0(m, scheduler, x, cond, None, 1.0).square().mean(),
                                     backend=compile_backend)
     if d.master:
-        os.makedirs(out_dir, exist_ok=True)
+        lock_out_dir(out_dir)  # one run per out_dir: taken before the first write into it
         save_json(config, os.path.join(out_dir, "config.json"))
-    log_path = start_log(out_dir, init_from, d, also=("curve.jsonl",))
+    log_path = start_log(out_dir, init_from, d, also=("curve.jsonl",), exported=("unet",), resume_iter=it)
+    stop = catch_stop_signals()  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit EXIT_STOPPED
 
     def save_checkpoint():
         require_finite(g_params + ema_params, "the generator")  # never replace a good checkpoint with a broken one
@@ -750,8 +766,8 @@ def main(argv):
         for m in range(grad_accum):
             idx = batch[(m * d.world_size + d.rank) * micro: (m * d.world_size + d.rank + 1) * micro].tolist()
             prompts = [rows[k]["captions"][torch.randint(len(rows[k]["captions"]), (1,)).item()] for k in idx]
-            micros.append((*encode_prompts(tokenizer, text_encoder, prompts, pooled=True),
-                           real_images(vae, images[idx], d.device)))
+            cond = prompt_conds(text, prompts)[0]
+            micros.append((cond, cond.pooled, real_images(vae, images[idx], d.device)))
         step = dict.fromkeys(("g_loss", "d_loss", "logit_real", "logit_fake", "logit_gap", "d_acc_real",
                               "d_acc_fake"), 0.0)
 
@@ -761,7 +777,7 @@ def main(argv):
             p.requires_grad_(False)
         D.heads.train(not joint_batch)
         for cond, pooled, _ in micros:
-            fake = generate(generator, scheduler, vae, cond, uncond.expand(len(cond), -1, -1), shape, d.device)
+            fake = generate(generator, scheduler, vae, cond, uncond.expand(len(cond)), shape, d.device)
             loss = generator_loss(D(fake, pooled)) / grad_accum
             loss.backward()
             step["g_loss"] += loss.item()
@@ -773,7 +789,7 @@ def main(argv):
         # D step: fresh noise, fakes from the updated G
         for cond, pooled, real in micros:
             with torch.no_grad():
-                fake = generate(generator, scheduler, vae, cond, uncond.expand(len(cond), -1, -1), shape, d.device)
+                fake = generate(generator, scheduler, vae, cond, uncond.expand(len(cond)), shape, d.device)
                 fake_maps, real_maps = D.features(fake), D.features(real)  # (frozen: no graph needed)
             fake_logits, real_logits = D.fake_and_real(fake_maps, real_maps, pooled, pooled, joint_batch)
             loss = discriminator_loss(fake_logits, real_logits) / grad_accum
@@ -820,24 +836,23 @@ def main(argv):
                 append_log(log_path, record, wandb_run)
             t0, seen, sums = time.time(), 0, {}
         if d.master and (it % eval_interval == 0 or it == max_iters):
-            validation_grid(teacher, ema, vae, scheduler, (tokenizer, text_encoder, uncond), val_prompts, shape,
+            validation_grid(teacher, ema, vae, scheduler, text, val_prompts, shape,
                             d.device, os.path.join(out_dir, f"val_{it:06d}.png"))
             wandb_image(wandb_run, os.path.join(out_dir, f"val_{it:06d}.png"), it)
         if curve_interval and (it % curve_interval == 0 or it == max_iters):
             point = learning_curve_point(ema, it, it * batch_size, d.device)
             print(f"curve: iter {it}, {it * batch_size:,} images: " + ", ".join(
                 f"{k} {point[k]:.4g}" for k in ("fid_fmnist_classifier", "caption_accuracy") if point.get(k) is not None))
+        if it == max_iters and d.master:  # the UNet before the last checkpoint: a full disk keeps it
+            export_unet(ema)
         if it % ckpt_interval == 0 or it == max_iters:
             save_checkpoint()
+        if it < max_iters and stop_requested(stop, d):
+            if it % ckpt_interval:
+                save_checkpoint()
+            stop_run(stop, it, out_dir, d)
     pbar.close()
-    if d.master:  # the EMA UNet, a plain diffusers folder (safetensors); replaced whole, never half-written
-        require_finite(list(ema.parameters()), "the EMA generator")
-        path = os.path.join(out_dir, "unet")
-        ema.save_pretrained(path + ".tmp", safe_serialization=True)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(path + ".tmp", path)
-        print(f"saved {path} (UNet2DConditionModel.from_pretrained loads it; "
-              f"python sample.py --model={model} --unet={path} --guidance={guidance:g})")
+    release_out_dir(out_dir)
     if wandb_run is not None:
         wandb_run.finish()
     if d.ddp:

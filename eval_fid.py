@@ -299,11 +299,23 @@ def scan(src, extract, clip, o, d, pool, paired=None):
     gather, so that no rank waits forever."""
     mine = list(range(d.rank, src.n, d.world_size))
     local = {"index": np.array(mine, dtype=np.int64), "out": {}, "power": 0.0, "size": None, "error": None}
+    batches = [mine[s: s + o.batch_size] for s in range(0, len(mine), o.batch_size)]
+
+    def start_reading(k):
+        """Batch k's files (and their paired twins), handed to the pool now: decoded while the networks run on the
+        batch before (pool.map submits at once; its results wait in the futures)."""
+        if src.array is not None or k == len(batches):
+            return None, None
+        names = [src.paths[i] for i in batches[k]]
+        twins = [os.path.join(paired, os.path.basename(n)) for n in names] if paired else []
+        return pool.map(read_image, names), pool.map(read_image, twins)
     try:
-        for s in tqdm(range(0, len(mine), o.batch_size), desc=src.name, disable=not d.master, leave=False):
-            idx = mine[s: s + o.batch_size]
+        reading = start_reading(0)
+        for k, idx in enumerate(tqdm(batches, desc=src.name, disable=not d.master, leave=False)):
             names = [src.paths[i] for i in idx] if src.array is None else idx
-            images = list(pool.map(read_image, names)) if src.array is None else list(src.array[idx])
+            images = list(reading[0]) if src.array is None else list(src.array[idx])
+            twin_images = list(reading[1]) if paired else None
+            reading = start_reading(k + 1)  # one batch ahead: memory holds two batches at most
             for a, name in zip(images, names):
                 if local["size"] is None:
                     local["size"], local["first"] = a.shape[:2], name
@@ -316,7 +328,7 @@ def scan(src, extract, clip, o, d, pool, paired=None):
             if clip is not None:  # on the images as generated: CLIP's processor resizes them itself
                 res["clip"] = clip_cosines(clip, raw, [src.prompts[i] for i in idx], d.device)
             if paired:  # the same images made another way, e.g. by the teacher: how far is each from its twin
-                twins = np.stack(list(pool.map(read_image, [os.path.join(paired, os.path.basename(n)) for n in names])))
+                twins = np.stack(twin_images)
                 if twins.shape != raw.shape:
                     raise SystemExit(f"eval error: {paired} has images of another size than {src.name}")
                 res["paired_rmse"] = np.sqrt(((raw / 255.0 - twins / 255.0) ** 2).mean(axis=(1, 2, 3)))

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -42,12 +43,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from common import (all_finite, all_reduce_mean, append_log, atomic_save, autocast, check_config, checked_compile,
-                    ddim_sample, decode, downsample, encode_prompts, estimate_memory, fetch, fp32_output, gather,
-                    images_to_tensor, latent_shape, load_checkpoint, load_low_res_scheduler, load_sd, load_split,
-                    make_mask, memory_report, micro_batch, model_task, one_step_x0, peak_memory_gb, require_finite,
+from common import (all_finite, all_reduce_mean, append_log, atomic_save, autocast, catch_stop_signals, check_config,
+                    checked_compile, ddim_sample, decode, downsample, estimate_memory, fetch, fp32_output, gather,
+                    guidance_text, images_to_tensor, is_sdxl, latent_shape, load_checkpoint, load_low_res_scheduler,
+                    load_sd, load_split, lock_out_dir, make_mask, memory_report, micro_batch, model_task,
+                    one_step_x0, peak_memory_gb, placeholder_cond, prompt_conds, release_out_dir, require_finite,
                     resume_rng, rng_state, save_grid, save_json, sd_from_configs, seeded_noise, start_log, start_run,
-                    start_wandb, stop_if_diverged, task_input, vae_factor, wandb_image)
+                    start_wandb, stop_if_diverged, stop_requested, stop_run, task_input, vae_factor, wandb_image)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
@@ -186,21 +188,25 @@ def lora_state(loras, ema=None):
 
 def ldm_unet_name(name, unet):
     """A diffusers UNet2DConditionModel module name -> its name in the original LDM/SGM UNet, which A1111 and
-    ComfyUI use for SD 1.x/2.x: input_blocks.0 is conv_in, then each down block has layers_per_block entries
+    ComfyUI use for SD 1.x/2.x and SDXL: input_blocks.0 is conv_in, then each down block has layers_per_block entries
     [resnet, attention] and (all but the last) one [downsampler]; middle_block is [resnet, attention, resnet];
-    output_blocks has layers_per_block + 1 entries per up block, [resnet, attention, upsampler]. The inverse of
-    diffusers' single-file converter (tests/test_hipa.py checks every parameter). ValueError for other names."""
+    output_blocks has layers_per_block + 1 entries per up block, [resnet, attention, upsampler]; an attention's
+    transformer_blocks keep their numbers (SDXL's depths 1 / 2 / 10); SDXL's added embedding (pooled text and
+    size) is label_emb. The inverse of diffusers' single-file converter (tests/test_hipa.py checks every parameter
+    of SD and SDXL layouts). ValueError for other names."""
     n = unet.config.layers_per_block
     top = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
            "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
     resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    if is_sdxl(unet):
+        top.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
     if name in top:
         return top[name]
     m = re.fullmatch(r"(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)"
                      r"\.(\d+)\.(.+)", name)
     if not isinstance(n, int) or m is None or m[3] == "resnets" and m[5] not in resnet:
-        raise ValueError(f"no LDM name for the UNet layer '{name}' (an SD 1.x/2.x-style UNet is needed)")
+        raise ValueError(f"no LDM name for the UNet layer '{name}' (an SD 1.x/2.x- or SDXL-style UNet is needed)")
     where, b, kind, j, rest = m[1], int(m[2] or 0), m[3], int(m[4]), resnet.get(m[5], m[5])
     if where == "mid_block":
         return f"middle_block.{2 * j if kind == 'resnets' else 1}.{rest}"
@@ -470,8 +476,7 @@ def teacher_latents(unet, loras, scheduler, text, prompts, noise_seed, indices, 
     """The frozen model's N-step DDIM x0 latents (LoRA off) for examples `indices`; inputs_of(indices,
     noise_seed): the task's extra UNet input (common.task_input), none for t2i."""
     set_lora(loras, False)
-    cond = encode_prompts(text[0], text[1], [prompts[k] for k in indices]).to(dtype)
-    uncond = text[2].expand(len(indices), -1, -1).to(dtype)
+    cond, uncond = prompt_conds(text, [prompts[k] for k in indices], dtype)
     with autocast(device):
         x = ddim_sample(unet, scheduler, seeded_noise(indices, shape, noise_seed).to(device), cond, uncond,
                         teacher_steps, guidance, **(inputs_of(indices, noise_seed) if inputs_of else {}))
@@ -484,8 +489,12 @@ def build_teacher_cache(unet, loras, scheduler, text, prompts, noise_seed, shape
     """An epoch's teacher targets, fp16 latents in a memmap (examples sharded over ranks), once per cache key."""
     if not os.path.exists(path):
         tmp = path + ".partial"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        need, free = len(prompts) * math.prod(shape) * 2, shutil.disk_usage(os.path.dirname(path)).free
+        if need > free:  # (a memmap written past the disk's end dies with a bus error, and no message)
+            raise SystemExit(f"disk error: the teacher targets of this epoch need {need:,} bytes in "
+                             f"{os.path.dirname(path)}, which has {free:,} bytes free (cache_dir=)")
         if d.master:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(prompts), *shape))
         if d.ddp:
             torch.distributed.barrier()
@@ -525,7 +534,7 @@ def estimate_step_memory(micro):
     """One training step of this config on fake tensors (common.estimate_memory): the frozen UNet in bf16 with
     the LoRA, the text encoder, the VAE and the full-width DISTS as a paper run holds them, the AdamW state."""
     with estimate_memory() as mem:
-        text_encoder, vae, unet, scheduler = sd_from_configs(model, torch.bfloat16)
+        text, vae, unet, scheduler = sd_from_configs(model, torch.bfloat16)
         params = lora_params(add_lora(unet, lora_targets, lora_rank, lora_alpha))
         dists = DISTS(1.0).requires_grad_(False) if loss == "hipa" else None
         if grad_checkpointing:
@@ -534,8 +543,8 @@ def estimate_step_memory(micro):
                 dists.checkpoint = True
         opt = torch.optim.AdamW(params, lr=lr)
         shape = latent_shape(vae, unet, resolution, resolution)
-        context = (micro, text_encoder.config.max_position_embeddings, text_encoder.config.hidden_size)
-        cond, uncond = torch.randn(context).to(torch.bfloat16), torch.randn(context).to(torch.bfloat16)
+        size = [v * vae_factor(vae) for v in shape[1:]]
+        cond, uncond = (placeholder_cond(text, micro, size).to(torch.bfloat16) for _ in range(2))
         extra = unet.config.in_channels - shape[0]  # inpaint: mask + masked latents; upscale: the low-res image
         kw = {"image_input": torch.randn(micro, extra, *shape[1:])} if extra else {}
         if unet.config.num_class_embeds:
@@ -554,8 +563,7 @@ def validation_grid(unet, loras, vae, scheduler, text, prompts, shape, device, d
     idx = list(range(len(prompts)))
     x_T = seeded_noise(idx, shape, 10**9).to(device)  # seeds outside the training examples'
     kw = inputs_of(idx, 10**9) if inputs_of else {}
-    cond = encode_prompts(text[0], text[1], prompts).to(dtype)
-    uncond = text[2].expand(len(prompts), -1, -1).to(dtype)
+    cond, uncond = prompt_conds(text, prompts, dtype)
     cols = []
     for enabled, steps in ((False, teacher_steps), (False, 1), (True, 1)):
         set_lora(loras, enabled)
@@ -565,7 +573,28 @@ def validation_grid(unet, loras, vae, scheduler, text, prompts, shape, device, d
     save_grid(torch.stack(cols, 1).flatten(0, 1), path, nrow=3)
 
 
+def export_adaptor(loras, ema, params, unet):
+    """out_dir's two adaptor files: diffusers' format and kohya's (ComfyUI, A1111), each written atomically."""
+    from safetensors.torch import save_file
+    require_finite(ema if ema is not None else params, "the adaptor")
+    path = os.path.join(out_dir, EXPORTED[0])
+    state = lora_state(loras, ema)
+    save_file(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    print(f"saved {path} (StableDiffusionPipeline.load_lora_weights loads it; sample.py --lora={path})")
+    kohya = os.path.join(out_dir, EXPORTED[1])
+    try:
+        save_file(kohya_lora_state(state, unet), kohya + ".tmp")
+        os.replace(kohya + ".tmp", kohya)
+        print(f"saved {kohya} (the same adaptor for ComfyUI and A1111)")
+    except ValueError as e:  # a UNet without an LDM layout: the diffusers file above is the adaptor
+        print(f"no {kohya}: {e}")
+
+
 # ----------------------------------------------------------------------------- main
+
+EXPORTED = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")  # what a run exports
+
 
 
 def main(argv):
@@ -610,9 +639,12 @@ def main(argv):
         val_prompts = prompts[:min(num_val_prompts, len(rows))]
 
     # --- models: frozen SD, LoRA on the UNet (LoRA off = the teacher)
-    tokenizer, text_encoder, vae, unet, scheduler = load_sd(model, d.device)
+    text_model, vae, unet, scheduler = load_sd(model, d.device)
     fp32_output(unet.to(dtype))  # the frozen UNet in bf16 on CUDA, its output layer in fp32 (x0 = ... / 0.068)
     shape = latent_shape(vae, unet, resolution, resolution)
+    if task == "upscale" and is_sdxl(unet):
+        raise SystemExit(f"config error: task 'upscale' (x4) needs an x4 upscaler, and there is no SDXL one; {model} "
+                         "is SDXL (the x4 task takes SD's stabilityai/stable-diffusion-x4-upscaler)")
     if model_task(unet, model) != kind:
         raise SystemExit(f"config error: task '{task}' but {model} is a {model_task(unet, model)} model "
                          f"(UNet with {unet.config.in_channels} input channels)")
@@ -634,14 +666,16 @@ def main(argv):
         inputs_desc = [task, os.path.abspath(data_dir), split, images.shape, os.path.getmtime(images.filename),
                        masks is not None and hashlib.sha1(masks.cpu().numpy().tobytes()).hexdigest(),
                        noise_level if task == "upscale" else None] + ([strength] if task == "edit" else [])
-    weights = weights_fingerprint(unet, text_encoder) if teacher_cache else None  # before the LoRA is added
+    # the targets' model: every weight (before the LoRA is added) and, for SDXL, whether uncond is zeros
+    weights = (weights_fingerprint(unet, *text_model.encoders) + " zero_uncond" * text_model.zero_uncond
+               if teacher_cache else None)
     loras = add_lora(unet, lora_targets, lora_rank, lora_alpha)
     params = lora_params(loras)
     if d.master:
         total = sum(p.numel() for p in unet.parameters())
         print(f"LoRA: {len(loras)} layers, {sum(p.numel() for p in params):,} trainable parameters "
               f"({100 * sum(p.numel() for p in params) / total:.2f}% of the UNet)")
-    text = (tokenizer, text_encoder, encode_prompts(tokenizer, text_encoder, [""]))
+    text = guidance_text(text_model, [v * vae_factor(vae) for v in shape[1:]])  # (Text, uncond, image size)
     dists = load_dists(vgg_weights, dists_weights, cache_dir, d.master, standin, standin_size).to(d.device) \
         if loss == "hipa" else None
     if grad_checkpointing:
@@ -670,7 +704,7 @@ def main(argv):
         print(f"resumed from {out_dir}/ckpt.pt at iteration {it}")
     student = unet
     if compile:
-        c = encode_prompts(tokenizer, text_encoder, prompts[:2])  # fp32: the check runs on an fp32 copy
+        c = prompt_conds(text, prompts[:2])[0]  # fp32: the check runs on an fp32 copy
         x = seeded_noise([0, 1], shape, seed).to(d.device)
         kw = inputs_of([0, 1], seed) if inputs_of else {}
         student = checked_compile(unet, lambda m: one_step_x0(m, scheduler, x, c, None, 1.0, **kw).square().mean(),
@@ -679,8 +713,9 @@ def main(argv):
         from torch.nn.parallel import DistributedDataParallel as DDP
         student = DDP(student)
     if d.master:
-        os.makedirs(out_dir, exist_ok=True)
+        lock_out_dir(out_dir)  # one run per out_dir: taken before the first write into it
         save_json(config, os.path.join(out_dir, "config.json"))
+    stop = catch_stop_signals()  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit EXIT_STOPPED
 
     def epoch_targets(epoch):
         """The epoch's examples and, with teacher_cache, their teacher targets: made once, then read from disk."""
@@ -696,7 +731,7 @@ def main(argv):
             tqdm.write(f"teacher targets of epoch {epoch}: {n} examples in {path} ({time.time() - t0:.1f} s)")
         return prompts, noise_seed, cache
 
-    log_path = start_log(out_dir, init_from, d)
+    log_path = start_log(out_dir, init_from, d, exported=EXPORTED, resume_iter=it)
 
     def save_checkpoint():
         rngs = gather(rng_state(), d)
@@ -723,8 +758,7 @@ def main(argv):
             else:
                 target = teacher_latents(unet, loras, scheduler, text, prompts, noise_seed, idx, shape, d.device,
                                          dtype, inputs_of)
-            cond = encode_prompts(tokenizer, text_encoder, [prompts[k] for k in idx]).to(dtype)
-            uncond = text[2].expand(len(idx), -1, -1).to(dtype)
+            cond, uncond = prompt_conds(text, [prompts[k] for k in idx], dtype)
             if d.ddp:
                 student.require_backward_grad_sync = m == grad_accum - 1
             terms = student_loss(student, vae, dists, scheduler, seeded_noise(idx, shape, noise_seed).to(d.device),
@@ -764,24 +798,16 @@ def main(argv):
             validation_grid(unet, loras, vae, scheduler, text, val_prompts, shape, d.device, dtype,
                             os.path.join(out_dir, f"val_{it:06d}.png"), inputs_of)
             wandb_image(wandb_run, os.path.join(out_dir, f"val_{it:06d}.png"), it)
+        if it == max_iters and d.master:  # the adaptor before the last checkpoint: a full disk keeps it
+            export_adaptor(loras, ema, params, unet)
         if it % ckpt_interval == 0 or it == max_iters:
             save_checkpoint()
+        if it < max_iters and stop_requested(stop, d):
+            if it % ckpt_interval:
+                save_checkpoint()
+            stop_run(stop, it, out_dir, d)
     pbar.close()
-    if d.master:
-        from safetensors.torch import save_file
-        require_finite(ema if ema is not None else params, "the adaptor")
-        path = os.path.join(out_dir, "pytorch_lora_weights.safetensors")
-        state = lora_state(loras, ema)
-        save_file(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        print(f"saved {path} (StableDiffusionPipeline.load_lora_weights loads it; sample.py --lora={path})")
-        kohya = os.path.join(out_dir, "pytorch_lora_weights_kohya.safetensors")
-        try:
-            save_file(kohya_lora_state(state, unet), kohya + ".tmp")
-            os.replace(kohya + ".tmp", kohya)
-            print(f"saved {kohya} (the same adaptor for ComfyUI and A1111)")
-        except ValueError as e:  # a UNet without an LDM layout: the diffusers file above is the adaptor
-            print(f"no {kohya}: {e}")
+    release_out_dir(out_dir)
     if wandb_run is not None:
         wandb_run.finish()
     if d.ddp:

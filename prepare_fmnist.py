@@ -18,7 +18,9 @@ import sys
 
 import numpy as np
 
-from common import fetch, write_split
+# The class names and caption templates (CLASSES, captions_for) live in common.py, since export_split uses
+# them too; eval_fid.py and the tests import them from here.
+from common import CLASSES, captions_for, fetch, write_split  # noqa: F401
 
 # -----------------------------------------------------------------------------
 out = "data/fmnist"  # output folder
@@ -26,20 +28,8 @@ src = "/usr/share/datasets/fashion-mnist"  # folder with the four *-ubyte.gz fil
 url = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # official mirror, used only if src lacks the files
 # -----------------------------------------------------------------------------
 
-CLASSES = ["t-shirt", "pair of trousers", "pullover", "dress", "coat",
-           "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-TEMPLATES = ["a photo of {}", "{}", "a picture of {}", "an image of {}", "a product photo of {}",
-             "a black and white photo of {}"]
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-
-
-def with_article(name):
-    return ("an " if name[0] in "aeiou" else "a ") + name
-
-
-def captions_for(label):
-    return [t.format(with_article(CLASSES[label])) for t in TEMPLATES]
 
 
 def read_idx(path):

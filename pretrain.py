@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce_mean, append_log, atomic_save, autocast, check_config, checked_compile, ddim_sample,
-                    decode, downsample, encode, encode_prompts, gather, images_to_tensor, inpaint_input,
-                    load_checkpoint, load_split, make_mask, peak_memory_gb, resume_rng, rng_state,
-                    save_grid, save_json, start_log, start_run, start_wandb, upscale_input, vae_factor,
-                    wandb_image)
+from common import (Text, all_reduce_mean, append_log, atomic_save, autocast, catch_stop_signals, check_config,
+                    checked_compile, ddim_sample, decode, downsample, encode, encode_prompts, gather,
+                    images_to_tensor, inpaint_input, load_checkpoint, load_split, lock_out_dir, make_mask,
+                    peak_memory_gb, release_out_dir, resume_rng, rng_state, save_grid, save_json, start_log,
+                    start_run, start_wandb, stop_requested, stop_run, upscale_input, vae_factor, wandb_image)
 
 # ----------------------------------------------------------------------------- config
 out_dir = "out/pretrain"  # checkpoints, sample grids, config.json, log.jsonl and the final model/ folder
@@ -229,6 +229,10 @@ def load_task_models(path, task):
     from transformers import CLIPTextModel, CLIPTokenizer
     if not os.path.isfile(os.path.join(path, "unet", "config.json")):
         raise SystemExit(f"config error: init_model '{path}' is not an SD-format folder (no unet/config.json)")
+    if os.path.isdir(os.path.join(path, "text_encoder_2")):
+        raise SystemExit(f"config error: init_model '{path}' is an SDXL model; pretrain.py makes SD-format task "
+                         "teachers from an SD 1.x/2.x-style t2i folder (SDXL inpainting exists: "
+                         "diffusers/stable-diffusion-xl-1.0-inpainting-0.1)")
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     if unet.config.in_channels != 4:
         raise SystemExit(f"config error: init_model '{path}' is no t2i model (its UNet takes "
@@ -327,8 +331,8 @@ def task_grid(denoiser, vae, tokenizer, scheduler, low_res_scheduler, task, imag
     masks[1::2] = 1 - masks[1::2]  # the centre mask
     levels = torch.full((n,), 20, dtype=torch.long, device=device)
     image_input, labels = task_channels(task, vae, x, masks, levels, low_res_scheduler, g)
-    cond = encode_prompts(tokenizer, text_encoder, prompts)
-    uncond = encode_prompts(tokenizer, text_encoder, [""] * n)
+    text = Text((tokenizer,), (text_encoder,), False)
+    cond, uncond = encode_prompts(text, prompts), encode_prompts(text, [""] * n)
     out = decode(vae, ddim_sample(unet, scheduler, x_T, cond, uncond, sample_steps, sample_guidance,
                                   image_input, labels))
     if task == "inpaint":
@@ -351,8 +355,9 @@ def sample_grid(denoiser, vae, tokenizer, scheduler, prompts, per_prompt, path, 
     n = len(prompts) * per_prompt
     shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     x_T = torch.randn(shape, generator=g).to(device)
-    cond = encode_prompts(tokenizer, text_encoder, [p for p in prompts for _ in range(per_prompt)])
-    uncond = encode_prompts(tokenizer, text_encoder, [""] * n)
+    text = Text((tokenizer,), (text_encoder,), False)
+    cond = encode_prompts(text, [p for p in prompts for _ in range(per_prompt)])
+    uncond = encode_prompts(text, [""] * n)
     many = decode(vae, ddim_sample(unet, scheduler, x_T, cond, uncond, sample_steps, sample_guidance))
     one = decode(vae, ddim_sample(unet, scheduler, x_T, cond, uncond, 1, sample_guidance))
     rows = torch.cat([many.view(len(prompts), per_prompt, *many.shape[1:]),
@@ -405,9 +410,8 @@ def main(argv):
                          f"not {max_noise_level}")
     d, micro = start_run(device, init_from, batch_size, grad_accum, seed, out_dir, overwrite)
     wandb_run = start_wandb(config, d)
-    log_path = start_log(out_dir, init_from, d)
     if d.master:
-        os.makedirs(out_dir, exist_ok=True)
+        lock_out_dir(out_dir)  # one run per out_dir: taken before the first write into it
         save_json(config, os.path.join(out_dir, "config.json"))
     images, rows = load_split(data_dir, "train")
     resolution = images.shape[1]
@@ -452,6 +456,8 @@ def main(argv):
         else:  # another world size: this rank's own fresh data stream, as resume_rng does for the noise
             data_gen.manual_seed(seed + 1000 * d.rank + 7919 * it)
         print(f"resumed from {out_dir}/ckpt.pt at iteration {it}")
+    log_path = start_log(out_dir, init_from, d, exported=("model",), resume_iter=it)
+    stop = catch_stop_signals()  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit EXIT_STOPPED
 
     if d.master:
         n_params = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in
@@ -583,6 +589,10 @@ def main(argv):
             wandb_image(wandb_run, path, it, key="samples")
         if it % ckpt_interval == 0 or it == total:
             save_checkpoint()
+        if it < total and stop_requested(stop, d):
+            if it % ckpt_interval:
+                save_checkpoint()
+            stop_run(stop, it, out_dir, d)
     pbar.close()
     if d.master and iters > 0:
         import diffusers
@@ -603,6 +613,7 @@ def main(argv):
             shutil.rmtree(final)
         os.replace(tmp, final)
         print(f"saved {final} ({type(pipe).__name__}.from_pretrained loads it)")
+    release_out_dir(out_dir)
     if wandb_run is not None:
         wandb_run.finish()
     if d.ddp:

@@ -15,13 +15,13 @@ from common import checked_compile, ddim_sample, encode_prompts, load_sd, one_st
 def test_ddim_equals_diffusers_pipeline(model, steps, request):
     from diffusers import StableDiffusionPipeline
     path = request.getfixturevalue(model)
-    tokenizer, text_encoder, vae, unet, scheduler = load_sd(path)
+    text, vae, unet, scheduler = load_sd(path)
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     prompts = ["a bag", "an ankle boot"]
-    cond = encode_prompts(tokenizer, text_encoder, prompts)
-    uncond = encode_prompts(tokenizer, text_encoder, ["", ""])
+    cond = encode_prompts(text, prompts)
+    uncond = encode_prompts(text, ["", ""])
     ours = ddim_sample(unet, scheduler, x_T, cond, uncond, steps, guidance=2.0)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text.encoders[0], tokenizer=text.tokenizers[0], unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     theirs = pipe(prompts, latents=x_T.clone(), num_inference_steps=steps, guidance_scale=2.0, height=16, width=16,
@@ -30,11 +30,11 @@ def test_ddim_equals_diffusers_pipeline(model, steps, request):
 
 
 def test_one_step_is_the_x0_formula_at_the_terminal_timestep(tiny_sd_v):
-    tokenizer, text_encoder, vae, unet, scheduler = load_sd(tiny_sd_v)
+    text, vae, unet, scheduler = load_sd(tiny_sd_v)
     x_T = torch.randn(1, 4, 8, 8)
-    cond = encode_prompts(tokenizer, text_encoder, ["a bag"])
+    cond = encode_prompts(text, ["a bag"])
     with torch.no_grad():
-        v = unet(x_T, 999, encoder_hidden_states=cond).sample
+        v = unet(x_T, 999, encoder_hidden_states=cond.hidden).sample
     a = scheduler.alphas_cumprod[999]
     x0, eps = predict_x0_eps(v, x_T, a, "v_prediction")
     torch.testing.assert_close(x0, a.sqrt() * x_T - (1 - a).sqrt() * v)
@@ -48,7 +48,8 @@ def test_load_sd_names_what_is_missing(tmp_path):
         load_sd(str(tmp_path))
 
 
-def test_hub_id_loads_offline_from_the_hf_cache(tiny_sd, tmp_path):
+@pytest.mark.parametrize("model", ["tiny_sd", "tiny_sdxl"])
+def test_hub_id_loads_offline_from_the_hf_cache(model, request, tmp_path):
     """A hub id (ORG/NAME) is found in the Hugging Face cache under HF_HOME, as a download leaves it (blobs, a
     snapshot of links, refs/main), with HF_HUB_OFFLINE=1; one that is not cached is one line, not a traceback."""
     import hashlib
@@ -61,6 +62,7 @@ def test_hub_id_loads_offline_from_the_hf_cache(tiny_sd, tmp_path):
     from PIL import Image
 
     import sample
+    tiny_sd = request.getfixturevalue(model)  # the family (SD or SDXL) comes from the cached model_index.json
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-sd"
     for f in sorted(p for p in Path(tiny_sd).rglob("*") if p.is_file()):
@@ -135,7 +137,7 @@ def test_world_size_one_without_torchrun(monkeypatch):
 def test_compile_guard_agrees_with_a_direct_comparison_on_this_device(tiny_sd):
     """With torch 2.13 on CPU the guard refuses Inductor (measured: wrong UNet gradients); wherever it runs,
     its verdict must be what a separate compiled-vs-eager gradient comparison finds."""
-    unet = load_sd(tiny_sd)[3].requires_grad_(True)
+    unet = load_sd(tiny_sd)[2].requires_grad_(True)
     x, c = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 32)
 
     def loss(m):
@@ -159,9 +161,9 @@ def test_compile_guard_agrees_with_a_direct_comparison_on_this_device(tiny_sd):
 def test_one_step_edit_is_ddim_samples_one_step_from_the_noised_image(tiny_sd):
     """HiPA's edit student (one_step_x0 with init_latents, with gradients) is what sample.py --strength --steps=1
     makes (ddim_sample): the one call at t = strength x T - 1 on the image latents noised with x_T."""
-    tokenizer, text_encoder, vae, unet, scheduler = load_sd(tiny_sd)
-    cond = encode_prompts(tokenizer, text_encoder, ["a bag", "a sneaker"])
-    uncond = encode_prompts(tokenizer, text_encoder, ["", ""])
+    text, vae, unet, scheduler = load_sd(tiny_sd)
+    cond = encode_prompts(text, ["a bag", "a sneaker"])
+    uncond = encode_prompts(text, ["", ""])
     x_T, init = torch.randn(2, 2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     for strength in (0.3, 0.6, 1.0):
         ours = one_step_x0(unet, scheduler, x_T, cond, uncond, 2.0, init_latents=init, strength=strength)
@@ -176,16 +178,17 @@ def test_one_step_x0_under_bf16_autocast_keeps_the_unet_output_in_fp32():
     the guidance and the formula run in fp32 (common.fp32_output), not on an output rounded to bf16. Measured on
     the shipped teacher (CPU bf16 autocast standing in for CUDA's): x0 off by 6.6% (relative L2) against 8.2%
     with the bf16 output; the rest is the bf16 activations inside the UNet."""
-    tokenizer, text_encoder, vae, unet, scheduler = load_sd(os.path.join(ROOT, "assets", "tiny-sd-fmnist"))
+    text, vae, unet, scheduler = load_sd(os.path.join(ROOT, "assets", "tiny-sd-fmnist"))
     x_T = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    cond = encode_prompts(tokenizer, text_encoder, ["a photo of a bag"] * 4)
-    uncond = encode_prompts(tokenizer, text_encoder, [""] * 4)
+    cond = encode_prompts(text, ["a photo of a bag"] * 4)
+    uncond = encode_prompts(text, [""] * 4)
     with torch.no_grad():
         exact = one_step_x0(unet, scheduler, x_T, cond, uncond, 2.0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fast = one_step_x0(unet, scheduler, x_T, cond, uncond, 2.0)
             unet.conv_out.__class__ = torch.nn.Conv2d  # as before: output, guidance in bf16
-            uncond_out, cond_out = unet(torch.cat([x_T, x_T]), 999, torch.cat([uncond, cond])).sample.chunk(2)
+            both = torch.cat([uncond.hidden, cond.hidden])
+            uncond_out, cond_out = unet(torch.cat([x_T, x_T]), 999, both).sample.chunk(2)
             before = predict_x0_eps(uncond_out + 2.0 * (cond_out - uncond_out), x_T, scheduler.alphas_cumprod[999],
                                     "epsilon")[0]
     assert fast.dtype == torch.float32 and cond_out.dtype == torch.bfloat16

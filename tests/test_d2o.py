@@ -75,12 +75,12 @@ def sd(tiny_sd):
 
 
 def test_frozen_parameters_get_no_gradient_and_do_not_move(sd, monkeypatch):
-    tokenizer, text_encoder, vae, unet, scheduler = sd
+    text, vae, unet, scheduler = sd
     d2o.freeze_unet(unet, 1)
     before = {k: p.detach().clone() for k, p in unet.named_parameters()}
     trainable = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=1e-2, betas=(0.0, 0.99))
-    cond = encode_prompts(tokenizer, text_encoder, ["a bag", "a sneaker"])
+    cond = encode_prompts(text, ["a bag", "a sneaker"])
     monkeypatch.setattr(d2o, "guidance", 1.0)
     fake = d2o.generate(unet, scheduler, vae, cond, None, (4, 8, 8), torch.device("cpu"))
     fake.square().mean().backward()
@@ -109,8 +109,9 @@ def check_only_heads_train(D, images, text):
 
 
 def test_teacher_unet_discriminator_shapes_and_only_heads_train(sd):
-    tokenizer, text_encoder, vae, unet, scheduler = sd
-    uncond, pooled = encode_prompts(tokenizer, text_encoder, ["", "a bag", "a sneaker"], pooled=True)
+    text, vae, unet, scheduler = sd
+    uncond = encode_prompts(text, ["", "a bag", "a sneaker"])
+    pooled = uncond.pooled
     D, names = d2o.build_discriminator(("teacher_unet",), unet, vae, scheduler, uncond[:1], 16, 32, "cpu")
     assert names == ["teacher_unet"] and len(D.heads) == 1 and len(D.heads[0]) == 4
     taps = D.backbones[0](torch.zeros(2, 3, 16, 16))
@@ -139,9 +140,10 @@ def tiny_backbones(root):
 
 
 def test_transformers_backbones_efficientnet_and_deit(sd, tmp_path):
-    tokenizer, text_encoder, vae, unet, scheduler = sd
+    text, vae, unet, scheduler = sd
     effnet, deit = tiny_backbones(tmp_path)
-    uncond, pooled = encode_prompts(tokenizer, text_encoder, ["", "a bag", "a sneaker"], pooled=True)
+    uncond = encode_prompts(text, ["", "a bag", "a sneaker"])
+    pooled = uncond.pooled
     D, names = d2o.build_discriminator((effnet, deit), unet, vae, scheduler, uncond[:1], 16, 32, "cpu")
     assert names == [effnet, deit]
     eff_net, deit_net = D.backbones
@@ -163,8 +165,9 @@ def test_transformers_backbones_efficientnet_and_deit(sd, tmp_path):
 def test_lite0_discriminator_heads_follow_projected_gan_at_the_fed_size(sd, monkeypatch):
     """'lite0': the official backbone, offline. At 224 the heads get Projected GAN's 4/3/2/1 DownBlocks to 8x8; at
     the embedded default's 64 px, 2/1/0/0 (maps 32/16/8/4 after CSM's x2)."""
-    tokenizer, text_encoder, vae, unet, scheduler = sd
-    uncond, pooled = encode_prompts(tokenizer, text_encoder, ["", "a bag", "a sneaker"], pooled=True)
+    text, vae, unet, scheduler = sd
+    uncond = encode_prompts(text, ["", "a bag", "a sneaker"])
+    pooled = uncond.pooled
     depths = {}
     for size in (224, 64):
         monkeypatch.setattr(d2o, "lite0_size", size)
@@ -261,11 +264,11 @@ def test_end_to_end_writes_an_ema_unet_that_diffusers_and_sample_load(tiny_sd, r
 
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     exported = UNet2DConditionModel.from_pretrained(out / "unet")
-    tokenizer, text_encoder, _, base, scheduler = load_sd(tiny_sd)
+    text, _, base, scheduler = load_sd(tiny_sd)
     original = {k: p.clone() for k, p in base.named_parameters()}
     base.load_state_dict({**original, **ck["ema"]})
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    cond = encode_prompts(tokenizer, text_encoder, ["a bag", "an ankle boot"])
+    cond = encode_prompts(text, ["a bag", "an ankle boot"])
     with torch.no_grad():
         ours, theirs = (one_step_x0(u, scheduler, x_T, cond, None, 1.0) for u in (base, exported))
     assert torch.equal(ours, theirs)  # the folder holds exactly the EMA weights
@@ -319,8 +322,8 @@ def test_resume_continues_exactly(tiny_sd, real_data, tmp_path, monkeypatch):
 
 
 def test_unreachable_backbone_falls_back_loudly(sd, capsys, monkeypatch):
-    tokenizer, text_encoder, vae, unet, scheduler = sd
-    uncond = encode_prompts(tokenizer, text_encoder, [""])
+    text, vae, unet, scheduler = sd
+    uncond = encode_prompts(text, [""])
     monkeypatch.setattr(d2o, "offline_fallback", True)
     D, names = d2o.build_discriminator(("/nonexistent/efficientnet", "teacher_unet"), unet, vae, scheduler, uncond,
                                        16, 32, "cpu")
@@ -407,7 +410,7 @@ def test_real_images_reach_the_discriminator_through_the_generators_decoder(sd, 
     """Every fake is decoded by the frozen VAE; reals must be too (real_through_vae), or the heads learn the
     decoder's signature, which no generator behind it can remove. Off: the raw images."""
     from common import decode, encode
-    vae = sd[2]
+    vae = sd[1]
     u8 = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     raw = images_to_tensor(u8)
     with torch.no_grad():

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -294,3 +295,28 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, data, stub, c
         eval_fid.main(argv)
     assert str(e.value).startswith("eval error: ") and "\n" not in str(e.value)
     assert not list(tmp_path.rglob("metrics*"))
+
+
+def test_the_next_batch_is_decoded_while_the_network_runs_on_this_one(tmp_path, monkeypatch):
+    """The network on batch k waits (up to 10 s) for a file of batch k + 1 to be read: it returns at once only when
+    reading runs one batch ahead. The outputs stay in the set's order."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+    folder = write_gen(tmp_path / "gen", class_images(np.arange(6), 0), ["a bag"] * 6)
+    reads, real_read = [], eval_fid.read_image
+    monkeypatch.setattr(eval_fid, "read_image", lambda path: reads.append(os.path.basename(path)) or real_read(path))
+    overlapped = []
+
+    def network(batch):
+        k = len(overlapped)
+        deadline = time.time() + 10
+        while k < 2 and f"{2 * k + 2:06d}.png" not in reads and time.time() < deadline:
+            time.sleep(0.01)
+        overlapped.append(k == 2 or f"{2 * k + 2:06d}.png" in reads)
+        return {"feat": batch.reshape(len(batch), -1)[:, :1].astype(np.float64)}
+    d = SimpleNamespace(rank=0, world_size=1, master=True, ddp=False, device=torch.device("cpu"))
+    with ThreadPoolExecutor(2) as pool:
+        res = eval_fid.scan(eval_fid.folder_source(folder), network, None,
+                            SimpleNamespace(batch_size=2, resolution_eval=0), d, pool)
+    assert overlapped == [True, True, True]
+    assert res["feat"][:, 0].tolist() == class_images(np.arange(6), 0)[:, 0, 0, 0].tolist()

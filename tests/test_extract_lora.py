@@ -11,7 +11,7 @@ LAYERS = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "mid_blo
 
 def tuned_unet(tiny_sd, folder, delta):
     """The tiny model's UNet with delta(shape, generator) added to LAYERS' weights, saved as d2o.py saves it."""
-    unet = load_sd(tiny_sd)[3]
+    unet = load_sd(tiny_sd)[2]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name in LAYERS:
@@ -45,7 +45,7 @@ def test_a_rank_r_difference_is_extracted_exactly_and_loads_like_a_hipa_adaptor(
     assert sorted(res["layers"]) == sorted(LAYERS) and res["others"] == []  # only the changed layers
     assert res["overall"] < 1e-6 and res["worst"] < 1e-6  # rank 2 holds a rank-2 difference exactly
 
-    merged = load_sd(tiny_sd)[3]
+    merged = load_sd(tiny_sd)[2]
     sample.merge_lora(merged, str(tmp_path / "d2o_lora.safetensors"))  # sample.py --lora
     torch.testing.assert_close(unet_out(merged), unet_out(tuned), rtol=1e-4, atol=1e-5)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
@@ -73,7 +73,7 @@ def test_the_error_of_a_full_rank_difference_is_reported_and_falls_with_rank(tin
 def test_bad_input_is_one_clear_error(tiny_sd, tmp_path):
     with pytest.raises(SystemExit, match="D2O UNet folder .* not found"):
         extract(tiny_sd, tmp_path / "absent", tmp_path / "l.safetensors", 4)
-    load_sd(tiny_sd)[3].save_pretrained(str(tmp_path / "same"))
+    load_sd(tiny_sd)[2].save_pretrained(str(tmp_path / "same"))
     with pytest.raises(SystemExit, match="nothing to extract"):
         extract(tiny_sd, tmp_path / "same", tmp_path / "l.safetensors", 4)
     from diffusers import UNet2DConditionModel

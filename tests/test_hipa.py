@@ -7,7 +7,7 @@ import torch
 from conftest import run_killed_after
 
 import hipa
-from common import encode_prompts, load_sd, one_step_x0, write_split
+from common import encode_prompts, guidance_text, load_sd, one_step_x0, write_split
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -30,10 +30,10 @@ def sd(tiny_sd):
 
 
 def student_latents(sd, loras=None, guidance=2.0):
-    tokenizer, text_encoder, vae, unet, scheduler = sd
+    text, vae, unet, scheduler = sd
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    cond = encode_prompts(tokenizer, text_encoder, ["a bag", "a sneaker"])
-    uncond = encode_prompts(tokenizer, text_encoder, ["", ""])
+    cond = encode_prompts(text, ["a bag", "a sneaker"])
+    uncond = encode_prompts(text, ["", ""])
     with torch.no_grad():
         return one_step_x0(unet, scheduler, x_T, cond, uncond, guidance)
 
@@ -46,13 +46,13 @@ def randomise(loras, seed=0):
 
 def test_lora_starts_at_the_frozen_model_and_off_is_the_teacher(sd):
     before = student_latents(sd)
-    loras = hipa.add_lora(sd[3], TARGETS, 4, 8.0)
+    loras = hipa.add_lora(sd[2], TARGETS, 4, 8.0)
     assert torch.equal(student_latents(sd), before)  # B = 0: training starts at the frozen model
     randomise(loras)
     assert not torch.allclose(student_latents(sd), before)
     hipa.set_lora(loras, False)
     assert torch.equal(student_latents(sd), before)  # LoRA off is exactly the frozen UNet
-    assert all(not p.requires_grad for n, p in sd[3].named_parameters() if "lora_" not in n)
+    assert all(not p.requires_grad for n, p in sd[2].named_parameters() if "lora_" not in n)
 
 
 def test_exported_lora_reloads_in_diffusers_and_merges_in_sample(tiny_sd, sd, tmp_path):
@@ -60,7 +60,7 @@ def test_exported_lora_reloads_in_diffusers_and_merges_in_sample(tiny_sd, sd, tm
     from safetensors.torch import save_file
 
     import sample
-    loras = hipa.add_lora(sd[3], TARGETS, 4, 8.0)
+    loras = hipa.add_lora(sd[2], TARGETS, 4, 8.0)
     randomise(loras)
     ours = student_latents(sd)
     path = str(tmp_path / "pytorch_lora_weights.safetensors")
@@ -70,7 +70,7 @@ def test_exported_lora_reloads_in_diffusers_and_merges_in_sample(tiny_sd, sd, tm
         assert all(k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in f.keys())
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = sd[4]
+    pipe.scheduler = sd[3]
     pipe.load_lora_weights(path)
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     theirs = pipe(["a bag", "a sneaker"], latents=x_T, num_inference_steps=1, guidance_scale=2.0,
@@ -78,7 +78,7 @@ def test_exported_lora_reloads_in_diffusers_and_merges_in_sample(tiny_sd, sd, tm
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
     fresh = load_sd(tiny_sd)
-    sample.merge_lora(fresh[3], path)  # merged into the weights: the same images at no inference cost
+    sample.merge_lora(fresh[2], path)  # merged into the weights: the same images at no inference cost
     torch.testing.assert_close(student_latents(fresh), ours, rtol=1e-4, atol=1e-4)
 
 
@@ -86,20 +86,20 @@ def test_lora_on_convolutions_merges_too(tiny_sd, sd, tmp_path):
     from safetensors.torch import save_file
 
     import sample
-    loras = hipa.add_lora(sd[3], ("conv1", "conv2"), 2, 2.0)
+    loras = hipa.add_lora(sd[2], ("conv1", "conv2"), 2, 2.0)
     assert all(isinstance(m.base, torch.nn.Conv2d) for m in loras.values())
     randomise(loras)
     save_file(hipa.lora_state(loras), str(tmp_path / "l.safetensors"))
     fresh = load_sd(tiny_sd)
-    sample.merge_lora(fresh[3], str(tmp_path / "l.safetensors"))
+    sample.merge_lora(fresh[2], str(tmp_path / "l.safetensors"))
     torch.testing.assert_close(student_latents(fresh), student_latents(sd), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_lora_config_is_one_clear_error(sd):
     with pytest.raises(SystemExit, match="lora_rank must be >= 1"):
-        hipa.add_lora(sd[3], TARGETS, 0, 1.0)
+        hipa.add_lora(sd[2], TARGETS, 0, 1.0)
     with pytest.raises(SystemExit, match=r"\['to_qq'\] match no layer.*candidates: .*'to_q'"):
-        hipa.add_lora(sd[3], ("to_qq",), 4, 4.0)
+        hipa.add_lora(sd[2], ("to_qq",), 4, 4.0)
     from diffusers import UNet2DConditionModel
     plain = UNet2DConditionModel(block_out_channels=(32, 32), down_block_types=("DownBlock2D",) * 2,
                                  up_block_types=("UpBlock2D",) * 2, mid_block_type=None, cross_attention_dim=32,
@@ -254,10 +254,10 @@ def test_teacher_targets_are_computed_once_and_reused(tiny_sd, captions, tmp_pat
     cached = [np.load(f) for f in sorted((tmp_path / "cache").glob("teacher_*.npy"))]
     assert len(cached) == 2 and not np.allclose(cached[0], cached[1])  # epochs differ
     sd = load_sd(tiny_sd)
-    loras = hipa.add_lora(sd[3], TARGETS, 4, 4.0)
+    loras = hipa.add_lora(sd[2], TARGETS, 4, 4.0)
     rows = hipa.load_split(captions, "train", need_images=False)[1]
     epoch0 = hipa.example_prompts(rows, 8, 0)
-    direct = real(sd[3], loras, sd[4], (sd[0], sd[1], encode_prompts(sd[0], sd[1], [""])), epoch0, 0, [0, 5],
+    direct = real(sd[2], loras, sd[3], guidance_text(sd[0]), epoch0, 0, [0, 5],
                   (4, 8, 8), torch.device("cpu"), torch.float32)
     assert any(np.allclose(c[[0, 5]], direct.numpy(), atol=2e-3, rtol=2e-3) for c in cached)  # fp16 on disk
     calls.clear()
@@ -377,7 +377,8 @@ def test_resume_names_the_settings_that_changed(tiny_sd, captions, tmp_path, cap
 
 
 def test_teacher_cache_key_covers_every_weight_and_the_dtype(sd):
-    tokenizer, text_encoder, vae, unet, scheduler = sd
+    text, vae, unet, scheduler = sd
+    text_encoder = text.encoders[0]
     before = hipa.weights_fingerprint(unet, text_encoder)
     with torch.no_grad():  # a mid-block weight (the old key looked at conv_in and conv_out only)
         w = unet.mid_block.resnets[0].conv1.weight
@@ -460,11 +461,11 @@ def test_ldm_names_are_what_diffusers_single_file_converter_reads(layout):
 def test_kohya_file_gives_diffusers_the_same_images_as_the_diffusers_file(tiny_sd, sd, tmp_path, targets):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file, save_file
-    loras = hipa.add_lora(sd[3], targets, 4, 8.0)
+    loras = hipa.add_lora(sd[2], targets, 4, 8.0)
     randomise(loras)
     ours = student_latents(sd)
     save_file(hipa.lora_state(loras), str(tmp_path / "lora.safetensors"))
-    save_file(hipa.kohya_lora_state(hipa.lora_state(loras), sd[3]), str(tmp_path / "kohya.safetensors"))
+    save_file(hipa.kohya_lora_state(hipa.lora_state(loras), sd[2]), str(tmp_path / "kohya.safetensors"))
     kohya = load_file(str(tmp_path / "kohya.safetensors"))
     assert len(kohya) == 3 * len(loras) and all(k.startswith("lora_unet_") for k in kohya)
     assert all(float(v) == 4 for k, v in kohya.items() if k.endswith(".alpha"))  # rank: scale 1, B holds alpha/r
@@ -473,7 +474,7 @@ def test_kohya_file_gives_diffusers_the_same_images_as_the_diffusers_file(tiny_s
             "lora_unet_middle_block_2_out_layers_3" in names)  # LDM names, not diffusers'
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = sd[4]
+    pipe.scheduler = sd[3]
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     latents = []
     for path, kwargs in ((tmp_path / "lora.safetensors", {}),

@@ -68,7 +68,7 @@ def test_output_is_a_stable_diffusion_folder(tiny_data, tmp_path):
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
     weights = [f.suffix for f in (out / "model").rglob("*") if f.is_file() and f.suffix not in (".json", ".txt")]
     assert weights and set(weights) == {".safetensors"}  # safetensors only
-    tokenizer, *_ = load_sd(str(out / "model"))
+    tokenizer = load_sd(str(out / "model"))[0].tokenizers[0]
     assert len(tokenizer("a photo of a sneaker").input_ids) == 7  # start, 5 words, end
 
 
@@ -87,8 +87,9 @@ def test_the_shipped_teacher_is_a_small_safetensors_sd_folder():
     files = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs]
     assert sum(os.path.getsize(f) for f in files) <= 20 * 2**20
     assert {os.path.splitext(f)[1] for f in files} == {".json", ".txt", ".safetensors"}  # nothing to unpickle
-    tokenizer, text_encoder, vae, unet, scheduler = load_sd(folder)
+    text, vae, unet, scheduler = load_sd(folder)
     assert unet.config.sample_size * 4 == 32 and scheduler.config.timestep_spacing == "trailing"
+    tokenizer = text.tokenizers[0]
     tokens = tokenizer.convert_ids_to_tokens(tokenizer("a photo of an ankle boot").input_ids)
     assert tokens[5:7] == ["ankle</w>", "boot</w>"]
 
@@ -127,7 +128,7 @@ def test_task_teachers_load_in_their_diffusers_pipelines(tiny_data, tiny_t2i, tm
     # the pipelines encode with a posterior sample: it is the mean the teachers are trained on
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert pipe.vae.encode(x).latent_dist.std.max() < 1e-4
-    _, t2i_text_encoder, *_ = load_sd(tiny_t2i)
+    t2i_text_encoder = load_sd(tiny_t2i)[0].encoders[0]
     assert all(torch.equal(v, pipe.text_encoder.state_dict()[k]) for k, v in t2i_text_encoder.state_dict().items())
     weights = {f.suffix for f in (tmp_path / "model").rglob("*") if f.is_file() and f.suffix not in (".json", ".txt")}
     assert weights == {".safetensors"}
@@ -150,7 +151,7 @@ def test_widened_unet_computes_the_t2i_unet_at_init(tiny_t2i):
 
 
 def test_rescaled_vae_keeps_the_unets_latents_and_the_reconstruction(tiny_t2i):
-    _, _, vae, _, _ = load_sd(tiny_t2i)
+    _, vae, _, _ = load_sd(tiny_t2i)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     latents = encode(vae, x)
     recon = decode(vae, latents)

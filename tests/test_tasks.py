@@ -20,7 +20,7 @@ def make_task_model(tiny_sd, folder, task, seed=0):
     factor 4, a v-prediction schedule and a low_res_scheduler), saved in its diffusers pipeline's format."""
     from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionInpaintPipeline,
                            StableDiffusionUpscalePipeline, UNet2DConditionModel)
-    tokenizer, text_encoder, vae, unet, scheduler = load_sd(tiny_sd)
+    text, vae, unet, scheduler = load_sd(tiny_sd)
     torch.manual_seed(seed)
     config = dict(unet.config)
     if task == "inpaint":
@@ -30,7 +30,7 @@ def make_task_model(tiny_sd, folder, task, seed=0):
         state["conv_in.weight"] = torch.cat([w, torch.randn(w.shape[0], 5, *w.shape[2:]) * 0.05], 1)
         new.load_state_dict(state)
         new.conv_out.weight.data.normal_(0, 0.05)
-        StableDiffusionInpaintPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=new,
+        StableDiffusionInpaintPipeline(vae=vae, text_encoder=text.encoders[0], tokenizer=text.tokenizers[0], unet=new,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False).save_pretrained(str(folder))
         return str(folder)
@@ -41,7 +41,7 @@ def make_task_model(tiny_sd, folder, task, seed=0):
     new.conv_out.weight.data.normal_(0, 0.05)
     sched = DDIMScheduler.from_config({**dict(scheduler.config), "prediction_type": "v_prediction"})
     low = DDPMScheduler(beta_schedule="linear", num_train_timesteps=1000)
-    StableDiffusionUpscalePipeline(vae=vae4, text_encoder=text_encoder, tokenizer=tokenizer, unet=new,
+    StableDiffusionUpscalePipeline(vae=vae4, text_encoder=text.encoders[0], tokenizer=text.tokenizers[0], unet=new,
                                    low_res_scheduler=low, scheduler=sched).save_pretrained(str(folder))
     return str(folder)
 
@@ -84,13 +84,14 @@ def test_editing_equals_diffusers_img2img(tiny_sd, tmp_path):
     """SDEdit at strength 0.5 in 2 steps is diffusers' img2img at strength 0.5 of a 4-step trailing schedule (the
     same timesteps 499, 249), from the same latents and noise; steps=1 is one UNet call returning x0."""
     from diffusers import StableDiffusionImg2ImgPipeline
-    tokenizer, text_encoder, vae, unet, scheduler = load_sd(tiny_sd)
+    text, vae, unet, scheduler = load_sd(tiny_sd)
     images = torch.rand(1, 3, 16, 16) * 2 - 1
-    cond = encode_prompts(tokenizer, text_encoder, ["a bag"])
-    uncond = encode_prompts(tokenizer, text_encoder, [""])
+    cond = encode_prompts(text, ["a bag"])
+    uncond = encode_prompts(text, [""])
     kw = task_input("t2i", vae, images, [0], 0, strength=0.5)
     ours = ddim_sample(unet, scheduler, seeded_noise([0], (4, 8, 8), 7), cond, uncond, 2, 2.0, **kw)
-    pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text.encoders[0], tokenizer=text.tokenizers[0],
+                                          unet=unet,
                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                           requires_safety_checker=False)
     theirs = pipe("a bag", image=kw["init_latents"], strength=0.5, num_inference_steps=4, guidance_scale=2.0,
@@ -104,15 +105,16 @@ def test_editing_equals_diffusers_img2img(tiny_sd, tmp_path):
 
 def test_inpainting_equals_diffusers_inpaint_pipeline(tiny_inpaint):
     from diffusers import StableDiffusionInpaintPipeline
-    tokenizer, text_encoder, vae, unet, scheduler = load_sd(tiny_inpaint)
+    text, vae, unet, scheduler = load_sd(tiny_inpaint)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     mask = make_mask("periphery", 2, 16, 16)
-    cond = encode_prompts(tokenizer, text_encoder, ["a bag", "an ankle boot"])
-    uncond = encode_prompts(tokenizer, text_encoder, ["", ""])
+    cond = encode_prompts(text, ["a bag", "an ankle boot"])
+    uncond = encode_prompts(text, ["", ""])
     x_T = seeded_noise([0, 1], (4, 8, 8), 0)
     kw = task_input("inpaint", vae, images, [0, 1], 0, mask=mask)
     ours = ddim_sample(unet, scheduler, x_T, cond, uncond, 3, 2.0, **kw)
-    pipe = StableDiffusionInpaintPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    pipe = StableDiffusionInpaintPipeline(vae=vae, text_encoder=text.encoders[0], tokenizer=text.tokenizers[0],
+                                          unet=unet,
                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                           requires_safety_checker=False)
     theirs = pipe(["a bag", "an ankle boot"], image=images / 2 + 0.5, mask_image=mask, latents=x_T.clone(),
@@ -125,15 +127,16 @@ def test_upscaling_equals_diffusers_upscale_pipeline(tiny_x4):
     """The x4 task: latents + the low-res image noised to noise_level (the same noise), noise_level as the class
     label, v-prediction: diffusers' StableDiffusionUpscalePipeline's latents, and 4x the input's size."""
     from diffusers import StableDiffusionUpscalePipeline
-    tokenizer, text_encoder, vae, unet, scheduler = load_sd(tiny_x4)
+    text, vae, unet, scheduler = load_sd(tiny_x4)
     low_res = torch.rand(1, 3, 8, 8)
-    cond = encode_prompts(tokenizer, text_encoder, ["a bag"])
-    uncond = encode_prompts(tokenizer, text_encoder, [""])
+    cond = encode_prompts(text, ["a bag"])
+    uncond = encode_prompts(text, [""])
     x_T = seeded_noise([3], (4, 8, 8), 0)
     kw = task_input("upscale", vae, low_res * 2 - 1, [3], 0, low_res_scheduler=load_low_res_scheduler(tiny_x4),
                     noise_level=20)
     ours = ddim_sample(unet, scheduler, x_T, cond, uncond, 3, 2.0, **kw)
-    pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=text.encoders[0], tokenizer=text.tokenizers[0],
+                                          unet=unet,
                                           low_res_scheduler=load_low_res_scheduler(tiny_x4), scheduler=scheduler)
     theirs = pipe("a bag", image=low_res, latents=x_T.clone(), num_inference_steps=3, guidance_scale=2.0,
                   noise_level=20, generator=torch.Generator().manual_seed(LOW_RES_NOISE_SEED + 3),
@@ -160,8 +163,8 @@ def test_outputs_follow_their_inputs_and_prompts_come_from_metadata(tiny_sd, tin
 def test_editing_strength_sets_how_far_the_output_leaves_the_input(tiny_sd):
     """SDEdit: a small strength keeps the input's latents, strength near 1 draws a new image (in latent space: the
     random tiny VAE reconstructs nothing)."""
-    tokenizer, text_encoder, vae, unet, scheduler = load_sd(tiny_sd)
-    cond, uncond = encode_prompts(tokenizer, text_encoder, ["a bag"] * 4), encode_prompts(tokenizer, text_encoder, [""] * 4)
+    text, vae, unet, scheduler = load_sd(tiny_sd)
+    cond, uncond = encode_prompts(text, ["a bag"] * 4), encode_prompts(text, [""] * 4)
     kw = task_input("t2i", vae, torch.rand(4, 3, 16, 16) * 2 - 1, range(4), 0)
     dist = {}
     for s in (0.05, 0.95):
@@ -271,7 +274,7 @@ def test_task_adaptor_loads_in_the_diffusers_pipeline_and_equals_sample_py(tiny_
     lora = str(adaptors[task] / "pytorch_lora_weights.safetensors")
     size = 16 if task == "inpaint" else 8
     images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    tokenizer, text_encoder, vae, unet, scheduler = load_sd(model)
+    text, vae, unet, scheduler = load_sd(model)
     pipe = DiffusionPipeline.from_pretrained(model, scheduler=scheduler, safety_checker=None)
     assert type(pipe).__name__ == {"inpaint": "StableDiffusionInpaintPipeline",
                                    "upscale": "StableDiffusionUpscalePipeline"}[task]
@@ -293,8 +296,8 @@ def test_task_adaptor_loads_in_the_diffusers_pipeline_and_equals_sample_py(tiny_
     after = theirs()
     assert (after - before).abs().max() > 1e-2  # the adaptor changes the pipeline's output
     sample.merge_lora(unet, lora)
-    ours = ddim_sample(unet, scheduler, x_T, encode_prompts(tokenizer, text_encoder, ["a bag", "an ankle boot"]),
-                       encode_prompts(tokenizer, text_encoder, ["", ""]), 1, 2.0, **kw)
+    ours = ddim_sample(unet, scheduler, x_T, encode_prompts(text, ["a bag", "an ankle boot"]),
+                       encode_prompts(text, ["", ""]), 1, 2.0, **kw)
     torch.testing.assert_close(ours, after, rtol=1e-4, atol=1e-4)
     init = write_inputs(tmp_path / "in", 2, size, ["a bag"])  # and --compare: rows input | teacher | base | HiPA
     sample.main([f"--model={model}", f"--init_images={init}", f"--lora={lora}", "--compare=True", "--teacher_steps=2",

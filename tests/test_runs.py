@@ -1,0 +1,127 @@
+"""Runs on shared clusters: a SIGTERM checkpoints and resumes, one run per out_dir, an --overwrite=True run never
+leaves the earlier run's model beside its own config, a full disk keeps what was written."""
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import run_killed_after
+from test_d2o import run_args as d2o_args
+from test_hipa import captions, run_args  # noqa: F401 (captions: a fixture)
+
+import common
+import d2o
+import hipa
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_sigterm_checkpoints_the_step_reached_and_resume_logs_each_step_once(tiny_sd, captions, tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_sd, captions, out, "--epochs=50", "--ckpt_interval=1000", "--log_interval=1")
+    run = subprocess.Popen([sys.executable, os.path.join(ROOT, "hipa.py"), *args], cwd=ROOT, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "log.jsonl").exists() and len(records(out)) >= 3):
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == common.EXIT_STOPPED, stderr[-2000:]
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    logged = [r["iter"] for r in records(out)]
+    assert ck["iter"] == logged[-1] >= 3 and ck["iter"] < 100  # the step it was in, finished and saved
+    assert f"stopped by SIGTERM after iteration {ck['iter']}" in stdout
+    assert not (out / "pytorch_lora_weights.safetensors").exists() and not (out / "run.lock").exists()
+    with open(out / "log.jsonl", "a") as f:  # as if killed later, between checkpoints: records past ckpt.pt
+        f.write(json.dumps({"iter": ck["iter"] + 1, "loss": 0.0}) + "\n")
+    hipa.main(run_args(tiny_sd, captions, out, "--epochs=50", "--ckpt_interval=1000", "--log_interval=1",
+                       "--init_from=resume"))
+    logged = [r["iter"] for r in records(out)]
+    assert logged == list(range(1, 101))  # every step once: the stray record dropped, none repeated
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def lock(out, host, pid):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.lock").write_text(f"{host} {pid} 2026-01-01 00:00:00\n")
+
+
+def test_a_second_run_into_a_locked_out_dir_is_refused_before_writing(tiny_sd, captions, tmp_path):
+    out = tmp_path / "run"
+    for host, pid in ((socket.gethostname(), 1), ("other-node", 12345)):  # pid 1 always runs; another host: unknown
+        lock(out, host, pid)
+        with pytest.raises(SystemExit, match=f"another run is writing to .*{host} pid {pid}"):
+            hipa.main(run_args(tiny_sd, captions, out))
+        assert sorted(os.listdir(out)) == ["run.lock"]
+
+
+def test_a_dead_runs_lock_is_taken_over_with_a_line(tiny_sd, captions, tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "run"
+    lock(out, socket.gethostname(), dead.pid)
+    hipa.main(run_args(tiny_sd, captions, out))
+    assert "lock: taking over" in capsys.readouterr().out and (out / "pytorch_lora_weights.safetensors").exists()
+    assert not (out / "run.lock").exists()  # released at the end
+
+
+@pytest.mark.parametrize("trainer", ["hipa", "d2o"])
+def test_an_interrupted_overwrite_run_leaves_no_earlier_model(trainer, tiny_sd, captions, real_data, tmp_path,
+                                                              monkeypatch, capsys):
+    out = tmp_path / "run"
+    module, argv = (hipa, run_args(tiny_sd, captions, out)) if trainer == "hipa" else \
+        (d2o, d2o_args(tiny_sd, real_data, out, "--ckpt_interval=1"))
+    exported = out / ("pytorch_lora_weights.safetensors" if trainer == "hipa" else "unet")
+    module.main(argv)
+    assert exported.exists()
+    run_killed_after(module, argv + ["--overwrite=True"], 1, monkeypatch)  # dies after its first checkpoint
+    assert not exported.exists() and not (out / "pytorch_lora_weights_kohya.safetensors").exists()
+    assert f"overwrite: removed the earlier run's {exported}" in capsys.readouterr().out
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_the_adaptor(tiny_sd, captions, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, path):
+        calls.append(path)
+        if len(calls) == 2:  # the last checkpoint (iteration 4), after the adaptor was exported
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, path)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="checkpoint error: cannot write .*ckpt.pt .No space left on device.; "
+                                         "the previous .*ckpt.pt is kept"):
+        hipa.main(run_args(tiny_sd, captions, out, "--ckpt_interval=2"))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 2 and not (out / "ckpt.pt.tmp").exists()
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_teacher_cache_that_cannot_fit_says_how_much_it_needs(tiny_sd, captions, tmp_path, monkeypatch):
+    from collections import namedtuple
+    monkeypatch.setattr(hipa.shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(1, 0, 100))
+    with pytest.raises(SystemExit, match=r"disk error: the teacher targets of this epoch need 4,096 bytes in .*, "
+                                         r"which has 100 bytes free"):
+        hipa.main(run_args(tiny_sd, captions, tmp_path / "run"))
+    assert not list((tmp_path / "run_cache").glob("*.partial"))
+
+
+def test_a_truncated_checkpoint_is_one_line(tiny_sd, captions, tmp_path):
+    out = tmp_path / "run"
+    hipa.main(run_args(tiny_sd, captions, out))
+    data = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="resume error: .*ckpt.pt is not a readable checkpoint"):
+        hipa.main(run_args(tiny_sd, captions, out, "--init_from=resume"))
