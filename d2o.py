@@ -659,7 +659,7 @@ def main(argv):
     check_config(config, positive=("batch_size", "grad_accum", "max_iters", "g_lr", "d_lr", "r1_interval",
                                    "ema_kimg", "proj_channels", "cmap_dim", "teacher_steps", "log_interval",
                                    "eval_interval", "ckpt_interval", "max_nonfinite", "lite0_size", "curve_per_prompt"),
-                 non_negative=("r1_gamma", "ema_rampup", "num_val_prompts", "curve_interval"))
+                 non_negative=("resolution", "r1_gamma", "ema_rampup", "num_val_prompts", "curve_interval"))
     if dry_run:
         micro = micro_batch(batch_size, grad_accum, dry_run_gpus, "dry_run_gpus")
         meta = os.path.join(data_dir, "meta.json")  # the real images' stored size, if prepared already

@@ -15,6 +15,7 @@ Reference statistics are cached in cache_dir. Under torchrun the ranks share the
 """
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -80,6 +81,14 @@ def folder_source(folder, need_prompts=None, what="gen"):
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             raise SystemExit(f"eval error: {meta} lists {len(missing)} missing images, e.g. {missing[0]}")
+        unlisted = sorted(set(f for f in os.listdir(folder) if re.fullmatch(r"\d{6}\.png", f))
+                          - set(os.path.basename(p) for p in paths))
+        if unlisted:  # images of another run (or of one stopped early) beside this metadata
+            raise SystemExit(f"eval error: {folder} holds {len(unlisted)} images that {meta} does not list, e.g. "
+                             f"{unlisted[0]}: its images and metadata disagree")
+    elif os.path.exists(os.path.join(folder, "settings.json")):  # sample.py writes metadata.jsonl last
+        raise SystemExit(f"eval error: {folder} is a sample.py folder without metadata.jsonl: its run did not "
+                         "finish (stopped early?); run sample.py again")
     else:
         paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
                        if f.lower().endswith(IMAGE_EXTS) and f not in NOT_SAMPLES)
@@ -476,6 +485,9 @@ def evaluate(gen_dirs, ref, d=None, **options):
         rows.append(row)
         curves.append((s.name, *radial_profile(res["power"], s.n)))
 
+    bad = [row["gen"] for row in rows if any(isinstance(v, float) and not math.isfinite(v) for v in row.values())]
+    rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+            for row in rows]  # (valid JSON: null, not a bare NaN)
     out_path = o.out or os.path.join(gen_dirs[0], "metrics.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     plot = os.path.splitext(out_path)[0] + "_spectrum.png" if o.spectrum else None
@@ -490,6 +502,9 @@ def evaluate(gen_dirs, ref, d=None, **options):
                "results": rows}, out_path)
     print_table(rows, kind, net_id, f"{ref} ({ref_n or '?'} images)")
     print(f"wrote {out_path}" + (f" and {plot}" if plot else "") + f" ({time.time() - t0:.0f}s)")
+    if bad:
+        raise SystemExit(f"eval error: non-finite metrics (written as null) for {', '.join(bad)}: constant images "
+                         "(all black: a NaN model?) or non-finite features")
     return rows
 
 

@@ -1,10 +1,12 @@
 """
 A D2O UNet -> a LoRA (diffusers' format for sample.py --lora and load_lora_weights, kohya's for ComfyUI and A1111):
 for every Linear/Conv2d whose weight D2O changed, the truncated SVD of W_d2o - W_base, the best rank-r approximation
-of the difference in Frobenius norm (Eckart-Young). What it leaves out is printed.
+of the difference in Frobenius norm (Eckart-Young). What it leaves out is printed. The files' metadata says what
+they are, as HiPA's do (common.adaptor_metadata): the base model and its UNet fingerprint, the task, the rank.
 
     python extract_lora.py --unet=out/d2o-fmnist/unet --rank=32 --out=out/d2o-fmnist/d2o_lora_r32.safetensors
 """
+import json
 import os
 import sys
 
@@ -41,11 +43,28 @@ def extract(base, tuned, rank):
     return state, errors, (residual / total) ** 0.5 if total else 0.0, others
 
 
+def d2o_run_config(unet_folder):
+    """The config of the D2O run that saved unet_folder (d2o.py's out_dir/config.json beside out_dir/unet), {} if
+    there is none."""
+    path = os.path.join(os.path.dirname(os.path.abspath(unet_folder)), "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def same_folder(a, b):
+    return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+
+
 def main(argv):
     from configurator import configure
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
+    from common import adaptor_metadata, model_task, unet_fingerprint
     from hipa import kohya_lora_state
     configure(globals(), argv)
     if rank < 1:
@@ -62,14 +81,23 @@ def main(argv):
     state, errors, overall, others = extract(base, tuned, rank)
     if not state:
         raise SystemExit(f"extract error: {unet} has the Linear/Conv2d weights of {model}: nothing to extract")
-    files = {out: state}
+    # the files say what they are (common.adaptor_metadata): the model's task, its UNet, and the D2O run's config
+    # when the D2O UNet is a run's out_dir/unet; a run that started from another model is told
+    trained = d2o_run_config(unet)
+    if trained.get("model") not in (None, model) and not same_folder(trained["model"], model):
+        print(f"warning: {unet} was trained from {trained['model']} (its run's config.json), not {model}: the LoRA "
+              f"holds its difference to {model}")
+    meta, kohya_meta = adaptor_metadata(model, unet_fingerprint(base), base, model_task(base, model), rank, rank,
+                                        sorted(errors), f"extract_lora.py (rank-{rank} SVD of the D2O UNet {unet})",
+                                        os.path.splitext(os.path.basename(out))[0], trained)
+    files = {out: (state, meta)}
     try:
-        files[os.path.splitext(out)[0] + "_kohya.safetensors"] = kohya_lora_state(state, base)
+        files[os.path.splitext(out)[0] + "_kohya.safetensors"] = (kohya_lora_state(state, base), kohya_meta)
     except ValueError as e:  # a UNet without an LDM layout: the diffusers file only
         print(f"no kohya file: {e}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    for path, tensors in files.items():
-        save_file(tensors, path + ".tmp")
+    for path, (tensors, metadata) in files.items():
+        save_file(tensors, path + ".tmp", metadata=metadata)
         os.replace(path + ".tmp", path)
     worst = max(errors, key=errors.get)
     print(f"rank-{rank} LoRA of the {len(errors)} changed Linear/Conv2d layers -> {', '.join(files)}\n"

@@ -43,13 +43,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from common import (all_finite, all_reduce_mean, append_log, atomic_save, autocast, catch_stop_signals, check_config,
-                    checked_compile, ddim_sample, decode, downsample, estimate_memory, fetch, fp32_output, gather,
-                    guidance_text, images_to_tensor, is_sdxl, latent_shape, load_checkpoint, load_low_res_scheduler,
-                    load_sd, load_split, lock_out_dir, make_mask, memory_report, micro_batch, model_task,
-                    one_step_x0, peak_memory_gb, placeholder_cond, prompt_conds, release_out_dir, require_finite,
-                    resume_rng, rng_state, save_grid, save_json, sd_from_configs, seeded_noise, start_log, start_run,
-                    start_wandb, stop_if_diverged, stop_requested, stop_run, task_input, vae_factor, wandb_image)
+from common import (adaptor_metadata, all_finite, all_reduce_mean, append_log, atomic_save, autocast,
+                    catch_stop_signals, check_config, checked_compile, ddim_sample, decode, downsample,
+                    estimate_memory, fetch, fp32_output, gather, guidance_text, images_to_tensor, is_sdxl,
+                    latent_shape, load_checkpoint, load_low_res_scheduler, load_sd, load_split, lock_out_dir,
+                    make_mask, memory_report, micro_batch, model_task, one_step_x0, peak_memory_gb, placeholder_cond,
+                    prompt_conds, release_out_dir, require_finite, resume_rng, rng_state, save_grid, save_json,
+                    sd_from_configs, seeded_noise, start_log, start_run, start_wandb, stop_if_diverged,
+                    stop_requested, stop_run, task_input, unet_fingerprint, vae_factor, wandb_image)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
@@ -573,18 +574,21 @@ def validation_grid(unet, loras, vae, scheduler, text, prompts, shape, device, d
     save_grid(torch.stack(cols, 1).flatten(0, 1), path, nrow=3)
 
 
-def export_adaptor(loras, ema, params, unet):
-    """out_dir's two adaptor files: diffusers' format and kohya's (ComfyUI, A1111), each written atomically."""
+def export_adaptor(loras, ema, params, unet, base_fingerprint, config):
+    """out_dir's two adaptor files: diffusers' format and kohya's (ComfyUI, A1111), each written atomically, each
+    saying what it is for in its metadata (common.adaptor_metadata: sample.py refuses it for another task)."""
     from safetensors.torch import save_file
     require_finite(ema if ema is not None else params, "the adaptor")
     path = os.path.join(out_dir, EXPORTED[0])
     state = lora_state(loras, ema)
-    save_file(state, path + ".tmp")
+    meta, kohya_meta = adaptor_metadata(model, base_fingerprint, unet, task, lora_rank, lora_alpha, lora_targets,
+                                        "hipa.py", os.path.basename(os.path.normpath(out_dir)), config)
+    save_file(state, path + ".tmp", metadata=meta)
     os.replace(path + ".tmp", path)
     print(f"saved {path} (StableDiffusionPipeline.load_lora_weights loads it; sample.py --lora={path})")
     kohya = os.path.join(out_dir, EXPORTED[1])
     try:
-        save_file(kohya_lora_state(state, unet), kohya + ".tmp")
+        save_file(kohya_lora_state(state, unet), kohya + ".tmp", metadata=kohya_meta)
         os.replace(kohya + ".tmp", kohya)
         print(f"saved {kohya} (the same adaptor for ComfyUI and A1111)")
     except ValueError as e:  # a UNet without an LDM layout: the diffusers file above is the adaptor
@@ -603,8 +607,8 @@ def main(argv):
     check_config(config, positive=("batch_size", "grad_accum", "epochs", "lr", "lora_alpha", "teacher_steps",
                                    "hp_radius", "grad_clip", "log_interval", "eval_interval", "ckpt_interval",
                                    "max_nonfinite"),
-                 non_negative=("num_examples", "warmup_iters", "weight_decay", "ema_decay", "w_spatial", "w_fft",
-                               "w_sobel", "num_val_prompts"))
+                 non_negative=("resolution", "num_examples", "warmup_iters", "weight_decay", "ema_decay", "w_spatial",
+                               "w_fft", "w_sobel", "num_val_prompts"))
     if ema_decay >= 1:
         raise SystemExit(f"config error: ema_decay must be < 1, got {ema_decay}")
     if task not in ("t2i", "edit", "inpaint", "upscale"):
@@ -640,6 +644,7 @@ def main(argv):
 
     # --- models: frozen SD, LoRA on the UNet (LoRA off = the teacher)
     text_model, vae, unet, scheduler = load_sd(model, d.device)
+    base_fingerprint = unet_fingerprint(unet)  # fp32, without LoRA: the exported files name their base weights
     fp32_output(unet.to(dtype))  # the frozen UNet in bf16 on CUDA, its output layer in fp32 (x0 = ... / 0.068)
     shape = latent_shape(vae, unet, resolution, resolution)
     if task == "upscale" and is_sdxl(unet):
@@ -799,7 +804,7 @@ def main(argv):
                             os.path.join(out_dir, f"val_{it:06d}.png"), inputs_of)
             wandb_image(wandb_run, os.path.join(out_dir, f"val_{it:06d}.png"), it)
         if it == max_iters and d.master:  # the adaptor before the last checkpoint: a full disk keeps it
-            export_adaptor(loras, ema, params, unet)
+            export_adaptor(loras, ema, params, unet, base_fingerprint, config)
         if it % ckpt_interval == 0 or it == max_iters:
             save_checkpoint()
         if it < max_iters and stop_requested(stop, d):

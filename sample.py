@@ -35,10 +35,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import (autocast, changed_settings, check_out_dir_free, ddim_sample, decode, fp32_output, guidance_text,
-                    images_to_tensor, is_sdxl, latent_shape, load_low_res_scheduler, load_sd, lock_out_dir,
-                    make_mask, model_task, prompt_conds, release_out_dir, save_grid, save_json, seeded_noise,
-                    setup_ddp, task_input, torch_dtype, vae_factor, write_jsonl)
+from common import (autocast, changed_settings, check_config, check_out_dir_free, ddim_sample, decode, fp32_output,
+                    guidance_text, images_to_tensor, is_sdxl, latent_shape, load_low_res_scheduler, load_sd,
+                    lock_out_dir, make_mask, model_task, prompt_conds, release_out_dir, save_grid, save_json,
+                    seeded_noise, setup_ddp, task_input, torch_dtype, vae_factor, write_jsonl)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model: hub id or folder
@@ -89,13 +89,22 @@ def read_prompts(spec):
     return lines
 
 
-def merge_lora(unet, path):
+def merge_lora(unet, path, unet_name=None, verbose=True):
     """W <- W + B A for every adapted layer, from a diffusers-format LoRA file (keys
-    'unet.<module>.lora_A.weight' / '.lora_B.weight', alpha / rank already folded into B)."""
+    'unet.<module>.lora_A.weight' / '.lora_B.weight', alpha / rank already folded into B). Its metadata first
+    (common.check_adaptor): an adaptor of another task is refused, one trained on other weights than unet_name's
+    (default: model's) warned about (when verbose); a file without metadata loads as it is."""
     from safetensors.torch import load_file
+
+    from common import check_adaptor
     if not os.path.exists(path):
         raise SystemExit(f"sample error: LoRA file {path} not found")
+    check_adaptor(path, unet, unet_name or model, "sample", verbose)
     state = load_file(path)
+    bad = next((k for k, v in state.items() if not torch.isfinite(v).all()), None)
+    if bad:  # it would merge into NaN weights and black images
+        raise SystemExit(f"sample error: {path} holds non-finite values (NaN or inf) in {bad}; the run that made "
+                         "it diverged")
     modules = dict(unet.named_modules())
     pairs = {k[len("unet."):-len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")}
     if not pairs:
@@ -149,6 +158,10 @@ def start_out_dir(settings, d):
         if not skip_existing:
             for f in images:
                 os.remove(os.path.join(out_dir, f))
+        # metadata.jsonl is written at the end, once every image is on disk: until then the folder has none, and
+        # eval_fid.py refuses a sample.py folder (settings.json) without one (an unfinished or interrupted run)
+        if os.path.exists(os.path.join(out_dir, "metadata.jsonl")):
+            os.remove(os.path.join(out_dir, "metadata.jsonl"))
         save_json(settings, path)
     if d.ddp:
         torch.distributed.barrier()
@@ -210,7 +223,12 @@ def read_init_images(folder, prompt_list):
     names = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png"))
     if not names:
         raise SystemExit(f"sample error: init_images folder {folder} holds no .png files")
-    images = [np.array(Image.open(os.path.join(folder, f)).convert("RGB")) for f in names]
+    images = []
+    for f in names:
+        try:
+            images.append(np.array(Image.open(os.path.join(folder, f)).convert("RGB")))
+        except OSError as e:  # empty, truncated, not an image
+            raise SystemExit(f"sample error: {os.path.join(folder, f)} is not a readable image ({e})")
     sizes = sorted({a.shape[:2] for a in images})
     if len(sizes) > 1:
         raise SystemExit(f"sample error: the images of {folder} differ in size ({', '.join(f'{h}x{w}' for h, w in sizes)})")
@@ -261,12 +279,18 @@ def generate(unet_, vae, scheduler, text, batch_prompts, x_T, n_steps, w, task_k
     cond, uncond = prompt_conds(text, unique, unet_.dtype)  # text: common.guidance_text
     cond = cond[[unique.index(p) for p in batch_prompts]]
     uncond = uncond[:1].expand(len(batch_prompts)) if w > 1 else None  # guidance <= 1: no unconditional call
-    return decode(vae, ddim_sample(unet_, scheduler, x_T, cond, uncond, n_steps, w, **(task_kwargs or {})))
+    latents = ddim_sample(unet_, scheduler, x_T, cond, uncond, n_steps, w, **(task_kwargs or {}))
+    if not torch.isfinite(latents).all():  # decoded, they would be black images written as a success
+        raise SystemExit("sample error: the model made non-finite latents (NaN or inf): its weights (a diverged "
+                         "LoRA or UNet?) or an fp16 overflow (try --dtype=float32)")
+    return decode(vae, latents)
 
 
 def main(argv):
     from configurator import configure
-    configure(globals(), argv)
+    config = configure(globals(), argv)
+    check_config(config, positive=("steps", "num_per_prompt", "batch_size", "teacher_steps"),
+                 non_negative=("height", "width", "png_compress_level"))
     d = setup_ddp(device)
     check_out_dir_free(out_dir, d)  # one run per out_dir (another live run's images and metadata would mix)
     dt = torch_dtype(dtype, d.device)
@@ -307,11 +331,14 @@ def main(argv):
             raise SystemExit(f"sample error: UNet folder {unet} not found")
         adapted = fp32_output(UNet2DConditionModel.from_pretrained(unet, torch_dtype=dt).to(d.device).eval())
         check_unet_fits(adapted, base_unet)
+        bad = next((k for k, p in adapted.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad:
+            raise SystemExit(f"sample error: UNet {unet} holds non-finite values (NaN or inf) in {bad}")
     if lora is not None:
         if compare:
             import copy
             adapted = copy.deepcopy(adapted)
-        n = merge_lora(adapted, lora)
+        n = merge_lora(adapted, lora, unet or model, d.master)
         if d.master:
             print(f"merged LoRA of {n} layers from {lora}")
     text = guidance_text(text_model, size)

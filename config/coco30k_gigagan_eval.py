@@ -2,7 +2,7 @@
 # 30k captions of COCO 2014 val, one per image; the reference is ALL of val2014 (40,504 images, as GigaGAN's
 # evaluation code reads its folder); every image center-cropped and LANCZOS-resized to 256 before Inception.
 # Its numbers go in the GigaGAN/clean-fid table only: never beside config/coco30k_eval.py's (the HiPA paper's
-# 30k protocol) or FID-5k. README "COCO protocols" says where eval_fid.py's FID equals clean-fid's and where not.
+# 30k protocol) or FID-5k. docs/evaluation.md, "COCO protocols", says where eval_fid.py's FID equals clean-fid's and where not.
 # 1. the reference, once (every val2014 image, center crop, LANCZOS to 256):
 #    python prepare_coco.py --annotations=/data/coco/annotations/captions_val2014.json --images=/data/coco/val2014 \
 #        --out=data/coco2014val-256 --split=val --resolution=256

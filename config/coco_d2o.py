@@ -17,7 +17,7 @@ guidance = 1.0  # the paper's conditional generators use no guidance, the condit
 # every image resized to 224, as the paper; heads of 4/3/2/1 DownBlocks on the four scales.
 backbones = ("lite0", "facebook/deit-base-distilled-patch16-224")
 lite0_size = 224
-joint_batch = True  # real and fake share the heads' BatchNorm statistics (README, "D2O on the tiny teacher")
+joint_batch = True  # real and fake share the heads' BatchNorm statistics (docs/d2o.md, "The discriminator")
 offline_fallback = False  # a paper run must not silently train against another discriminator
 # Paper Table 10, ImageNet 64 (the largest and most diverse setting, the ADM generator): G lr 8e-6, D lr 4e-5,
 # Adam (0, 0.99), batch 512 there; 256 here as for the other datasets. EMA half-life 0.5 Mimg, warm-up 0.05.

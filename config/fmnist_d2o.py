@@ -1,6 +1,6 @@
 # D2O-F on the shipped tiny teacher (assets/tiny-sd-fmnist, 32x32 Fashion-MNIST, UNet 64/96), the embedded
 # default: offline on a laptop CPU. A step costs about 1.7 s at batch 32 with the 2-core machine to itself
-# (README, "D2O on the tiny teacher"): 400 steps ~ 12 minutes, plus ~20 s per learning-curve point.
+# (docs/d2o.md): 400 steps ~ 12 minutes, plus ~20 s per learning-curve point.
 #   python prepare_fmnist.py && python d2o.py config/fmnist_d2o.py
 #   python sample.py --unet=out/d2o-fmnist/unet --guidance=1 --compare=True --prompts="a photo of a sneaker"
 model = "assets/tiny-sd-fmnist"
@@ -11,13 +11,13 @@ guidance = 1.0  # the paper's generators use no guidance; the conditional discri
 # The official code's EfficientNet-Lite0 (ImageNet; offline, efficientnet_lite.py). The paper resizes to 224;
 # here 64 px, a CPU trade-off (batch 32, 1 thread: features fwd+bwd 0.24 s at 64, 0.98 s at 128, 3.0 s at 224).
 # At 128 px, seed 0: FID(fmnist-clf) 4.84 against 5.58 at 400 steps, inside 64 px's seed spread (4.83-5.83),
-# for 1.9x the step time (README, "D2O on the tiny teacher").
+# for 1.9x the step time (docs/d2o.md, "The discriminator at 128 px").
 backbones = ("lite0",)
 lite0_size = 64
 joint_batch = True  # real and fake share the heads' BatchNorm statistics (see ProjectedDiscriminator.fake_and_real)
-real_through_vae = True  # D sees reals after the VAE round trip the fakes get: FID 7.07 vs 8.89 at 400 steps (README)
+real_through_vae = True  # D sees reals after the VAE round trip the fakes get: FID 7.07 vs 8.89 at 400 steps (docs/d2o.md)
 # Paper Table 10, FFHQ / AFHQ: G 2e-5, D 4e-5 (CIFAR-10's 1e-4 / 1e-4 drifted back after 3.2k images here:
-# FID(fmnist-clf) 5.83 -> 7.07, caption accuracy 87.4% -> 79.2%; these: 6.23 -> 5.58, 88.0% -> 85.4%; README).
+# FID(fmnist-clf) 5.83 -> 7.07, caption accuracy 87.4% -> 79.2%; these: 6.23 -> 5.58, 88.0% -> 85.4%; docs/d2o.md).
 # Adam (0, 0.99), EMA half-life 0.5 Mimg with warm-up ratio 0.05 (here 5% of the images seen: 640 at the end).
 g_lr = 2e-5
 d_lr = 4e-5

@@ -125,3 +125,106 @@ def test_a_truncated_checkpoint_is_one_line(tiny_sd, captions, tmp_path):
     (out / "ckpt.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(SystemExit, match="resume error: .*ckpt.pt is not a readable checkpoint"):
         hipa.main(run_args(tiny_sd, captions, out, "--init_from=resume"))
+
+
+# ----------------------------------------------------------------------------- sample.py and eval_fid.py
+
+
+def test_an_interrupted_regenerating_sample_run_is_refused_by_eval_fid(tiny_sd, tmp_path, monkeypatch):
+    import eval_fid
+    import sample
+    args = [f"--model={tiny_sd}", "--prompts=a bag", "--num_per_prompt=4", "--batch_size=2", "--grid=False",
+            f"--out_dir={tmp_path}"]
+    sample.main(args)
+    assert eval_fid.folder_source(str(tmp_path)).n == 4
+    real, calls = sample.generate, []
+
+    def stop_after_one_batch(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run stops with half of its images new and half old
+        return real(*a)
+    monkeypatch.setattr(sample, "generate", stop_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(args + ["--seed=1", "--skip_existing=False"])
+    assert not (tmp_path / "metadata.jsonl").exists()  # the old one, which no longer describes the images, is gone
+    with pytest.raises(SystemExit, match="eval error: .* is a sample.py folder without metadata.jsonl: its run did "
+                                         "not finish"):
+        eval_fid.folder_source(str(tmp_path))
+
+
+def test_images_that_the_metadata_does_not_list_are_refused(tiny_sd, tmp_path):
+    import eval_fid
+    import sample
+    sample.main([f"--model={tiny_sd}", "--prompts=a bag", "--num_per_prompt=2", "--grid=False",
+                 f"--out_dir={tmp_path}"])
+    (tmp_path / "000002.png").write_bytes((tmp_path / "000000.png").read_bytes())  # another run's image
+    with pytest.raises(SystemExit, match="holds 1 images that .*metadata.jsonl does not list, e.g. 000002.png"):
+        eval_fid.folder_source(str(tmp_path))
+
+
+def test_non_finite_weights_are_refused_before_any_image(tiny_sd, tmp_path):
+    from safetensors.torch import save_file
+
+    import sample
+    from common import load_sd
+    unet = load_sd(tiny_sd)[2]
+    loras = hipa.add_lora(unet, ("to_q",), 2, 2.0)
+    state = hipa.lora_state(loras)
+    state[next(k for k in state if k.endswith("lora_B.weight"))][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(SystemExit, match="nan.safetensors holds non-finite values .NaN or inf. in unet.*lora_B"):
+        sample.main([f"--model={tiny_sd}", f"--lora={tmp_path / 'nan.safetensors'}", f"--out_dir={tmp_path / 'a'}"])
+    unet = load_sd(tiny_sd)[2]
+    with torch.no_grad():
+        unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    unet.save_pretrained(str(tmp_path / "unet"))
+    with pytest.raises(SystemExit, match="UNet .*unet holds non-finite values .NaN or inf. in conv_in.weight"):
+        sample.main([f"--model={tiny_sd}", f"--unet={tmp_path / 'unet'}", f"--out_dir={tmp_path / 'b'}"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--steps=0", "steps must be > 0"), ("--batch_size=0", "batch_size must be > 0"),
+    ("--num_per_prompt=0", "num_per_prompt must be > 0"), ("--init_images=EMPTY", "000000.png is not a readable image"),
+    ("--init_images=TEXT", "000000.png is not a readable image")])
+def test_sample_bad_values_are_one_line_and_write_nothing(arg, message, tiny_sd, tmp_path):
+    import sample
+    for kind, data in (("EMPTY", b""), ("TEXT", b"not a png")):
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / "000000.png").write_bytes(data)
+    arg = arg.replace("EMPTY", str(tmp_path / "EMPTY")).replace("TEXT", str(tmp_path / "TEXT"))
+    with pytest.raises(SystemExit, match=message):
+        sample.main([f"--model={tiny_sd}", arg, f"--out_dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_hipa_negative_resolution_is_one_line_before_writing(tiny_sd, captions, tmp_path):
+    with pytest.raises(SystemExit, match="resolution must be >= 0"):
+        hipa.main(run_args(tiny_sd, captions, tmp_path / "out", "--resolution=-8"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out_cache").exists()
+
+
+def test_non_finite_metrics_are_null_in_valid_json_and_a_non_zero_exit(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import eval_fid
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(gen / f"{i:06d}.png")  # all black
+    monkeypatch.setattr(eval_fid, "load_inception", lambda spec, cache, d: TinyFeatures())
+    monkeypatch.setattr(eval_fid, "frechet_distance", lambda *a: float("nan"))
+    with pytest.raises(SystemExit, match=f"eval error: non-finite metrics .written as null. for {gen}"):
+        eval_fid.evaluate(str(gen), str(gen), out=str(tmp_path / "m.json"), spectrum=False, cache_dir=str(tmp_path))
+    row = json.loads((tmp_path / "m.json").read_text())["results"][0]  # parses: null, not a bare NaN
+    assert row["fid"] is None
+
+
+class TinyFeatures(torch.nn.Module):
+    """inception-2015-12-05.pt's call signature on a toy network."""
+
+    def forward(self, img, return_features=False, use_fp16=False, no_output_bias=False):
+        f = torch.nn.functional.adaptive_avg_pool2d(img.float() / 128 - 1, 2).flatten(1)
+        return f if return_features else torch.softmax(f[:, :4], 1)
