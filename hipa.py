@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 
@@ -489,7 +490,10 @@ def build_teacher_cache(unet, loras, scheduler, text, prompts, noise_seed, shape
                         inputs_of=None):
     """An epoch's teacher targets, fp16 latents in a memmap (examples sharded over ranks), once per cache key."""
     if not os.path.exists(path):
-        tmp = path + ".partial"
+        owner = [f"{socket.gethostname()}.{os.getpid()}" if d.master else None]  # this run's own partial file: two
+        if d.ddp:  # runs making the same targets in one cache_dir never write or rename each other's
+            torch.distributed.broadcast_object_list(owner, src=0)
+        tmp = f"{path}.{owner[0]}.partial"
         os.makedirs(os.path.dirname(path), exist_ok=True)
         need, free = len(prompts) * math.prod(shape) * 2, shutil.disk_usage(os.path.dirname(path)).free
         if need > free:  # (a memmap written past the disk's end dies with a bus error, and no message)
