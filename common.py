@@ -464,65 +464,6 @@ def model_task(unet, path=None):
     return task
 
 
-# ----------------------------------------------------------------------------- what an adaptor file says it is
-# hipa.py and extract_lora.py write it into the safetensors metadata of their LoRA files; sample.py checks it.
-ADAPTOR_MODELS = {"t2i": "t2i", "edit": "t2i", "inpaint": "inpaint", "upscale": "upscale"}  # task -> model kind
-
-
-def unet_fingerprint(unet):
-    """A UNet's weights in 16 hex digits: sha1 of every weight's name and shape and of 64 evenly spaced values of
-    it rounded to fp16 (the same for the model loaded in fp32 or fp16; another seed, a fine-tune or a merged LoRA
-    changes it). Milliseconds even for SDXL. None for a bf16 UNet, whose values no longer tell. Call it on the
-    plain UNet (LoRA layers rename weights)."""
-    import hashlib
-    state = unet.state_dict()
-    if any(t.dtype == torch.bfloat16 for t in state.values()):
-        return None
-    h = hashlib.sha1("".join(f"{k}{tuple(t.shape)}" for k, t in state.items()).encode())
-    values = [t.detach().flatten()[::max(1, t.numel() // 64)][:64].to(torch.float16) for t in state.values()]
-    h.update(torch.cat(values).cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def adaptor_metadata(model_path, fingerprint, unet, task, rank, alpha, targets, made_by, name, training_config):
-    """(the diffusers file's, the kohya file's) safetensors metadata, str -> str: the base model as given and
-    its unet_fingerprint, the task, lora_rank, lora_alpha (alpha / rank is already folded into lora_B), lora_targets,
-    made_by and the training config (JSON); the kohya file also the ss_* fields of kohya's sd-scripts that A1111
-    and ComfyUI show (ss_network_alpha = rank, as the file's .alpha tensors: the scale is 1)."""
-    meta = {"base_model": model_path, "base_unet_fingerprint": fingerprint, "task": task, "lora_rank": str(rank),
-            "lora_alpha": str(float(alpha)), "lora_targets": json.dumps(list(targets)), "made_by": made_by,
-            "training_config": json.dumps(training_config, default=str)}
-    version = "sdxl_base_v1-0" if is_sdxl(unet) else "sd_v2" if unet.config.cross_attention_dim == 1024 else "sd_v1"
-    kohya = {**meta, "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-             "ss_network_alpha": str(float(rank)), "ss_base_model_version": version, "ss_v2": str(version == "sd_v2"),
-             "ss_sd_model_name": model_path, "ss_output_name": name,
-             "ss_training_comment": f"{made_by}: one-step {task} adaptor of {model_path}"}
-    return meta, kohya
-
-
-def check_adaptor(path, unet, model_path, who, verbose=True):
-    """A LoRA file's metadata ({} for a file made elsewhere), checked against the plain UNet it is about to
-    change: one line for a file that is no safetensors file (truncated, another format) and for an adaptor of
-    another task (an x4 adaptor has the t2i UNet's layer shapes: it would load silently and make garbage); one
-    warning line (if verbose) for an adaptor trained on other weights (another unet_fingerprint)."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise SystemExit(f"{who} error: cannot read the LoRA file {path} (truncated, or not safetensors): {e}")
-    made_for, kind = meta.get("task"), model_task(unet)
-    if made_for in ADAPTOR_MODELS and ADAPTOR_MODELS[made_for] != kind:
-        raise SystemExit(f"{who} error: {path} is an adaptor for the '{made_for}' task, trained on "
-                         f"{meta.get('base_model')}; {model_path} is a {kind} model")
-    theirs = meta.get("base_unet_fingerprint")
-    ours = unet_fingerprint(unet) if verbose and theirs else None
-    if ours and ours != theirs:
-        print(f"warning: {path} was trained on {meta.get('base_model')} (UNet {theirs}), not on {model_path} "
-              f"(UNet {ours}): its images may be off")
-    return meta
-
-
 def load_low_res_scheduler(path):
     """The x4 upscaler's low_res_scheduler (DDPM), which noises the low-res input to noise_level."""
     from diffusers import DDPMScheduler

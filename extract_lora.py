@@ -2,7 +2,7 @@
 A D2O UNet -> a LoRA (diffusers' format for sample.py --lora and load_lora_weights, kohya's for ComfyUI and A1111):
 for every Linear/Conv2d whose weight D2O changed, the truncated SVD of W_d2o - W_base, the best rank-r approximation
 of the difference in Frobenius norm (Eckart-Young). What it leaves out is printed. The files' metadata says what
-they are, as HiPA's do (common.adaptor_metadata): the base model and its UNet fingerprint, the task, the rank.
+they are, as HiPA's do (lora_files.adaptor_metadata): the base model and its UNet fingerprint, the task, the rank.
 
     python extract_lora.py --unet=out/d2o-fmnist/unet --rank=32 --out=out/d2o-fmnist/d2o_lora_r32.safetensors
 """
@@ -64,8 +64,8 @@ def main(argv):
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
-    from common import adaptor_metadata, model_task, unet_fingerprint
-    from hipa import kohya_lora_state
+    from common import model_task
+    from lora_files import adaptor_metadata, kohya_lora_state, unet_fingerprint
     configure(globals(), argv)
     if rank < 1:
         raise SystemExit(f"config error: rank must be >= 1, got {rank}")
@@ -81,7 +81,7 @@ def main(argv):
     state, errors, overall, others = extract(base, tuned, rank)
     if not state:
         raise SystemExit(f"extract error: {unet} has the Linear/Conv2d weights of {model}: nothing to extract")
-    # the files say what they are (common.adaptor_metadata): the model's task, its UNet, and the D2O run's config
+    # the files say what they are (lora_files.adaptor_metadata): the model's task, its UNet, and the D2O run's config
     # when the D2O UNet is a run's out_dir/unet; a run that started from another model is told
     trained = d2o_run_config(unet)
     if trained.get("model") not in (None, model) and not same_folder(trained["model"], model):

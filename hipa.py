@@ -44,14 +44,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from common import (adaptor_metadata, all_finite, all_reduce_mean, append_log, atomic_save, autocast,
-                    catch_stop_signals, check_config, checked_compile, ddim_sample, decode, downsample,
-                    estimate_memory, fetch, fp32_output, gather, guidance_text, images_to_tensor, is_sdxl,
-                    latent_shape, load_checkpoint, load_low_res_scheduler, load_sd, load_split, lock_out_dir,
-                    make_mask, memory_report, micro_batch, model_task, one_step_x0, peak_memory_gb, placeholder_cond,
-                    prompt_conds, release_out_dir, require_finite, resume_rng, rng_state, save_grid, save_json,
-                    sd_from_configs, seeded_noise, start_log, start_run, start_wandb, stop_if_diverged,
-                    stop_requested, stop_run, task_input, unet_fingerprint, vae_factor, wandb_image)
+from common import (all_finite, all_reduce_mean, append_log, atomic_save, autocast, catch_stop_signals, check_config,
+                    checked_compile, ddim_sample, decode, downsample, estimate_memory, fetch, fp32_output, gather,
+                    guidance_text, images_to_tensor, is_sdxl, latent_shape, load_checkpoint, load_low_res_scheduler,
+                    load_sd, load_split, lock_out_dir, make_mask, memory_report, micro_batch, model_task,
+                    one_step_x0, peak_memory_gb, placeholder_cond, prompt_conds, release_out_dir, require_finite,
+                    resume_rng, rng_state, save_grid, save_json, sd_from_configs, seeded_noise, start_log, start_run,
+                    start_wandb, stop_if_diverged, stop_requested, stop_run, task_input, vae_factor, wandb_image)
+from lora_files import adaptor_metadata, kohya_lora_state, unet_fingerprint
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model to adapt (hub id or folder), frozen
@@ -185,56 +185,6 @@ def lora_state(loras, ema=None):
         B = params[f"{name}.lora_B.weight"] if params else m.lora_B.weight
         out[f"unet.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
         out[f"unet.{name}.lora_B.weight"] = (B.detach().float() * m.scale).cpu().contiguous()
-    return out
-
-
-def ldm_unet_name(name, unet):
-    """A diffusers UNet2DConditionModel module name -> its name in the original LDM/SGM UNet, which A1111 and
-    ComfyUI use for SD 1.x/2.x and SDXL: input_blocks.0 is conv_in, then each down block has layers_per_block entries
-    [resnet, attention] and (all but the last) one [downsampler]; middle_block is [resnet, attention, resnet];
-    output_blocks has layers_per_block + 1 entries per up block, [resnet, attention, upsampler]; an attention's
-    transformer_blocks keep their numbers (SDXL's depths 1 / 2 / 10); SDXL's added embedding (pooled text and
-    size) is label_emb. The inverse of diffusers' single-file converter (tests/test_hipa.py checks every parameter
-    of SD and SDXL layouts). ValueError for other names."""
-    n = unet.config.layers_per_block
-    top = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-           "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-    if is_sdxl(unet):
-        top.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
-    if name in top:
-        return top[name]
-    m = re.fullmatch(r"(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)"
-                     r"\.(\d+)\.(.+)", name)
-    if not isinstance(n, int) or m is None or m[3] == "resnets" and m[5] not in resnet:
-        raise ValueError(f"no LDM name for the UNet layer '{name}' (an SD 1.x/2.x- or SDXL-style UNet is needed)")
-    where, b, kind, j, rest = m[1], int(m[2] or 0), m[3], int(m[4]), resnet.get(m[5], m[5])
-    if where == "mid_block":
-        return f"middle_block.{2 * j if kind == 'resnets' else 1}.{rest}"
-    if kind == "downsamplers":
-        return f"input_blocks.{(b + 1) * (n + 1)}.0.op"
-    if kind == "upsamplers":
-        return f"output_blocks.{b * (n + 1) + n}.{1 + hasattr(unet.up_blocks[b], 'attentions')}.conv"
-    block = 1 + b * (n + 1) + j if where == "down_blocks" else b * (n + 1) + j
-    return f"{'input' if where == 'down_blocks' else 'output'}_blocks.{block}.{int(kind == 'attentions')}.{rest}"
-
-
-def kohya_lora_state(state, unet):
-    """A diffusers-format LoRA (lora_state) in the kohya layout of A1111 and ComfyUI: 'lora_unet_<LDM module
-    path, dots as underscores>' + '.lora_down.weight' (A), '.lora_up.weight' (B, alpha / rank already folded in)
-    and '.alpha' = rank, so that their scale alpha / rank is 1. diffusers reads it with
-    pipe.load_lora_weights(path, unet_config=pipe.unet.config): its SD 1.x/2.x pipeline does not pass the config
-    that maps LDM block numbers by itself (its SDXL pipeline does), and diffusers 0.42 fails on resnet layers in
-    input/output blocks 10 and 11 of SD's layout (it takes them for block 1); ComfyUI and A1111 read those."""
-    out = {}
-    for key, A in state.items():
-        if key.endswith(".lora_A.weight"):
-            name = key[len("unet."):-len(".lora_A.weight")]
-            kohya = "lora_unet_" + ldm_unet_name(name, unet).replace(".", "_")
-            out[f"{kohya}.lora_down.weight"] = A
-            out[f"{kohya}.lora_up.weight"] = state[f"unet.{name}.lora_B.weight"]
-            out[f"{kohya}.alpha"] = torch.tensor(float(A.shape[0]))
     return out
 
 
@@ -580,7 +530,7 @@ def validation_grid(unet, loras, vae, scheduler, text, prompts, shape, device, d
 
 def export_adaptor(loras, ema, params, unet, base_fingerprint, config):
     """out_dir's two adaptor files: diffusers' format and kohya's (ComfyUI, A1111), each written atomically, each
-    saying what it is for in its metadata (common.adaptor_metadata: sample.py refuses it for another task)."""
+    saying what it is for in its metadata (lora_files.adaptor_metadata: sample.py refuses it for another task)."""
     from safetensors.torch import save_file
     require_finite(ema if ema is not None else params, "the adaptor")
     path = os.path.join(out_dir, EXPORTED[0])

@@ -92,11 +92,11 @@ def read_prompts(spec):
 def merge_lora(unet, path, unet_name=None, verbose=True):
     """W <- W + B A for every adapted layer, from a diffusers-format LoRA file (keys
     'unet.<module>.lora_A.weight' / '.lora_B.weight', alpha / rank already folded into B). Its metadata first
-    (common.check_adaptor): an adaptor of another task is refused, one trained on other weights than unet_name's
+    (lora_files.check_adaptor): an adaptor of another task is refused, one trained on other weights than unet_name's
     (default: model's) warned about (when verbose); a file without metadata loads as it is."""
     from safetensors.torch import load_file
 
-    from common import check_adaptor
+    from lora_files import check_adaptor
     if not os.path.exists(path):
         raise SystemExit(f"sample error: LoRA file {path} not found")
     check_adaptor(path, unet, unet_name or model, "sample", verbose)

@@ -16,7 +16,8 @@ from test_tasks import hipa_args, make_task_model
 
 import hipa
 import sample
-from common import adaptor_metadata, load_sd, unet_fingerprint, write_split
+from common import load_sd, write_split
+from lora_files import adaptor_metadata, unet_fingerprint
 
 LORA, KOHYA = hipa.EXPORTED
 

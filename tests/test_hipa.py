@@ -7,6 +7,7 @@ import torch
 from conftest import run_killed_after
 
 import hipa
+import lora_files
 from common import encode_prompts, guidance_text, load_sd, one_step_x0, write_split
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -436,7 +437,7 @@ def sd_layout_unet():
 
 @pytest.mark.parametrize("layout", ["sd", "shipped teacher"])
 def test_ldm_names_are_what_diffusers_single_file_converter_reads(layout):
-    """Every parameter renamed with hipa.ldm_unet_name comes back to its own diffusers name (and value) through
+    """Every parameter renamed with lora_files.ldm_unet_name comes back to its own diffusers name (and value) through
     diffusers' converter of original LDM checkpoints: the kohya file names the layers A1111/ComfyUI have."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
@@ -449,12 +450,12 @@ def test_ldm_names_are_what_diffusers_single_file_converter_reads(layout):
     ldm = {}
     for key, value in state.items():
         module, _, param = key.rpartition(".")
-        ldm[f"model.diffusion_model.{hipa.ldm_unet_name(module, unet)}.{param}"] = value
+        ldm[f"model.diffusion_model.{lora_files.ldm_unet_name(module, unet)}.{param}"] = value
     assert len(ldm) == len(state)  # one LDM name per parameter
     back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
     with pytest.raises(ValueError, match="no LDM name for the UNet layer 'add_embedding.linear_1'"):
-        hipa.ldm_unet_name("add_embedding.linear_1", unet)  # SDXL's: not an SD 1.x/2.x layer
+        lora_files.ldm_unet_name("add_embedding.linear_1", unet)  # SDXL's: not an SD 1.x/2.x layer
 
 
 @pytest.mark.parametrize("targets", [TARGETS, ("conv1", "conv2")])
@@ -465,7 +466,7 @@ def test_kohya_file_gives_diffusers_the_same_images_as_the_diffusers_file(tiny_s
     randomise(loras)
     ours = student_latents(sd)
     save_file(hipa.lora_state(loras), str(tmp_path / "lora.safetensors"))
-    save_file(hipa.kohya_lora_state(hipa.lora_state(loras), sd[2]), str(tmp_path / "kohya.safetensors"))
+    save_file(lora_files.kohya_lora_state(hipa.lora_state(loras), sd[2]), str(tmp_path / "kohya.safetensors"))
     kohya = load_file(str(tmp_path / "kohya.safetensors"))
     assert len(kohya) == 3 * len(loras) and all(k.startswith("lora_unet_") for k in kohya)
     assert all(float(v) == 4 for k, v in kohya.items() if k.endswith(".alpha"))  # rank: scale 1, B holds alpha/r

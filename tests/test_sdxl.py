@@ -12,8 +12,9 @@ import common
 import d2o
 import extract_lora
 import hipa
+import lora_files
 import sample
-from common import Cond, ddim_sample, empty_cond, encode_prompts, load_sd, one_step_x0
+from common import ddim_sample, empty_cond, encode_prompts, load_sd, one_step_x0
 from conftest import make_tiny_sdxl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +104,7 @@ def sdxl_layout_unet():
 
 
 def test_sgm_names_are_what_diffusers_single_file_converter_reads_for_sdxl():
-    """Every parameter of an SDXL-layout UNet renamed with hipa.ldm_unet_name comes back to its own name and value
+    """Every parameter of an SDXL-layout UNet renamed with lora_files.ldm_unet_name comes back to its own name and value
     through diffusers' converter of original SGM checkpoints (the names ComfyUI and A1111 read)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     torch.manual_seed(0)
@@ -112,7 +113,7 @@ def test_sgm_names_are_what_diffusers_single_file_converter_reads_for_sdxl():
     sgm = {}
     for key, value in state.items():
         module, _, param = key.rpartition(".")
-        sgm[f"model.diffusion_model.{hipa.ldm_unet_name(module, unet)}.{param}"] = value
+        sgm[f"model.diffusion_model.{lora_files.ldm_unet_name(module, unet)}.{param}"] = value
     assert len(sgm) == len(state)
     assert "model.diffusion_model.label_emb.0.0.weight" in sgm  # add_embedding.linear_1
     assert "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight" in sgm  # depth 10
@@ -169,7 +170,7 @@ def test_kohya_file_names_every_adapted_layer_by_its_sgm_name(hipa_run, tiny_sdx
     layers = {k[len("unet."):-len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")}
     assert len(kohya) == 3 * len(layers)
     for name in layers:  # each layer once, under its SGM name, with the same A and B
-        key = "lora_unet_" + hipa.ldm_unet_name(name, unet).replace(".", "_")
+        key = "lora_unet_" + lora_files.ldm_unet_name(name, unet).replace(".", "_")
         assert torch.equal(kohya[f"{key}.lora_down.weight"], state[f"unet.{name}.lora_A.weight"])
         assert torch.equal(kohya[f"{key}.lora_up.weight"], state[f"unet.{name}.lora_B.weight"])
     assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn1_to_q" in {k.split(".")[0] for k in kohya}
