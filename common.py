@@ -724,13 +724,19 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 def catch_stop_signals():
     """From now on SIGTERM and SIGUSR1 only set a flag (a dict: {'signal': name or None}) that the training loop
     reads between steps (stop_requested)."""
-    flag = {"signal": None}
+    flag = {"signal": None, "previous": {s: signal.getsignal(s) for s in STOP_SIGNALS}}
 
     def handler(signum, frame):
         flag["signal"] = signal.Signals(signum).name
     for s in STOP_SIGNALS:
         signal.signal(s, handler)
     return flag
+
+
+def restore_stop_signals(flag):
+    """The handlers from before catch_stop_signals (the training loop is over)."""
+    for s, previous in flag["previous"].items():
+        signal.signal(s, previous)
 
 
 def stop_requested(flag, d):

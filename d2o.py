@@ -37,9 +37,9 @@ from common import (Dist, all_finite, all_reduce_mean, append_log, atomic_save, 
                     check_config, checked_compile, ddim_sample, decode, encode, estimate_memory, fp32_output, gather,
                     guidance_text, images_to_tensor, latent_shape, load_checkpoint, load_sd, load_split,
                     lock_out_dir, memory_report, micro_batch, one_step_x0, peak_memory_gb, placeholder_cond,
-                    prompt_conds, release_out_dir, require_finite, resume_rng, rng_state, save_grid, save_json,
-                    sd_from_configs, seeded_noise, start_log, start_run, start_wandb, stop_if_diverged,
-                    stop_requested, stop_run, vae_factor, wandb_image)
+                    prompt_conds, release_out_dir, require_finite, restore_stop_signals, resume_rng, rng_state,
+                    save_grid, save_json, sd_from_configs, seeded_noise, start_log, start_run, start_wandb,
+                    stop_if_diverged, stop_requested, stop_run, vae_factor, wandb_image)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model (hub id or folder): the generator's initialisation
@@ -852,6 +852,7 @@ def main(argv):
                 save_checkpoint()
             stop_run(stop, it, out_dir, d)
     pbar.close()
+    restore_stop_signals(stop)
     release_out_dir(out_dir)
     if wandb_run is not None:
         wandb_run.finish()

@@ -49,8 +49,9 @@ from common import (all_finite, all_reduce_mean, append_log, atomic_save, autoca
                     guidance_text, images_to_tensor, is_sdxl, latent_shape, load_checkpoint, load_low_res_scheduler,
                     load_sd, load_split, lock_out_dir, make_mask, memory_report, micro_batch, model_task,
                     one_step_x0, peak_memory_gb, placeholder_cond, prompt_conds, release_out_dir, require_finite,
-                    resume_rng, rng_state, save_grid, save_json, sd_from_configs, seeded_noise, start_log, start_run,
-                    start_wandb, stop_if_diverged, stop_requested, stop_run, task_input, vae_factor, wandb_image)
+                    restore_stop_signals, resume_rng, rng_state, save_grid, save_json, sd_from_configs, seeded_noise,
+                    start_log, start_run, start_wandb, stop_if_diverged, stop_requested, stop_run, task_input,
+                    vae_factor, wandb_image)
 from lora_files import adaptor_metadata, kohya_lora_state, unet_fingerprint
 
 # ----------------------------------------------------------------------------- config
@@ -766,6 +767,7 @@ def main(argv):
                 save_checkpoint()
             stop_run(stop, it, out_dir, d)
     pbar.close()
+    restore_stop_signals(stop)
     release_out_dir(out_dir)
     if wandb_run is not None:
         wandb_run.finish()

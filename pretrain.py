@@ -40,8 +40,9 @@ from tqdm import tqdm
 from common import (Text, all_reduce_mean, append_log, atomic_save, autocast, catch_stop_signals, check_config,
                     checked_compile, ddim_sample, decode, downsample, encode, encode_prompts, gather,
                     images_to_tensor, inpaint_input, load_checkpoint, load_split, lock_out_dir, make_mask,
-                    peak_memory_gb, release_out_dir, resume_rng, rng_state, save_grid, save_json, start_log,
-                    start_run, start_wandb, stop_requested, stop_run, upscale_input, vae_factor, wandb_image)
+                    peak_memory_gb, release_out_dir, restore_stop_signals, resume_rng, rng_state, save_grid,
+                    save_json, start_log, start_run, start_wandb, stop_requested, stop_run, upscale_input,
+                    vae_factor, wandb_image)
 
 # ----------------------------------------------------------------------------- config
 out_dir = "out/pretrain"  # checkpoints, sample grids, config.json, log.jsonl and the final model/ folder
@@ -594,6 +595,7 @@ def main(argv):
                 save_checkpoint()
             stop_run(stop, it, out_dir, d)
     pbar.close()
+    restore_stop_signals(stop)
     if d.master and iters > 0:
         import diffusers
         parts = dict(vae=vae, text_encoder=ema.text_encoder, tokenizer=tokenizer, unet=ema.unet, scheduler=scheduler,
