@@ -146,9 +146,10 @@ def make_cheap_512px_model(folder):
 
 
 def bench_end_to_end():
-    """sample.py on `end_to_end`, `rounds` times each, in turn: as it is (PNGs written by its writer threads) and with
-    sample.save_png doing nothing (the same batches, not written). Rates from sample.py's timing.json: from the first
-    batch to the last image on disk, model loading excluded."""
+    """sample.py on `end_to_end`, `rounds` times each, in turn: as it is (PNGs written by its writer threads), as it
+    was before (written in the main loop at PIL's default level: --png_writers=0 --png_compress_level=6), and with
+    sample.save_png doing nothing (the same batches, not written: the compute-only floor). Rates from sample.py's
+    timing.json: from the first batch to the last image on disk, model loading excluded."""
     import contextlib
     import io
     import json
@@ -158,30 +159,35 @@ def bench_end_to_end():
     from PIL import Image
 
     import sample
+    cases = {"PNGs written (threads)": ([], True),
+             "written in the loop, level 6": (["--png_writers=0", "--png_compress_level=6"], True),
+             "not written (compute only)": ([], False)}
+    rates, timing = {case: [] for case in cases}, {}
     with tempfile.TemporaryDirectory() as tmp:
         model_path = make_cheap_512px_model(os.path.join(tmp, "model")) if end_to_end == "cheap512" else end_to_end
         argv = [f"--model={model_path}", "--prompts=a bag", f"--num_per_prompt={e2e_images}",
                 f"--batch_size={batch_size}", f"--guidance={guidance}", f"--device={device}", f"--dtype={dtype}",
                 "--grid=False", "--skip_existing=False"]
-        real_save, rates, timing = sample.save_png, {"PNGs written": [], "not written (compute only)": []}, {}
+        real_save = sample.save_png
         for _ in range(rounds):
-            for case in rates:
-                out = os.path.join(tmp, "written" if case == "PNGs written" else "not_written")
-                sample.save_png = real_save if case == "PNGs written" else lambda array, path, compress_level: None
+            for k, (case, (extra, written)) in enumerate(cases.items()):
+                out = os.path.join(tmp, f"case{k}")
+                sample.save_png = real_save if written else lambda array, path, compress_level: None
                 try:
                     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                        sample.main(argv + [f"--out_dir={out}"])
+                        sample.main(argv + extra + [f"--out_dir={out}"])
                 finally:
                     sample.save_png = real_save
                 with open(os.path.join(out, "timing.json")) as f:
-                    timing = json.load(f)
-                rates[case].append(timing["images_per_s"])
-        with Image.open(os.path.join(tmp, "written", "000000.png")) as im:
+                    timing[case] = json.load(f)
+                rates[case].append(timing[case]["images_per_s"])
+        with Image.open(os.path.join(tmp, "case0", "000000.png")) as im:
             size = f"{im.width}x{im.height}"
+    threads = timing["PNGs written (threads)"]
     floor = statistics.median(rates["not written (compute only)"])
     print(f"\nsample.py end to end on {end_to_end} ({size} px), {e2e_images} images per run, batch {batch_size}, "
-          f"guidance {guidance}, {timing['device']}, {torch.get_num_threads()} torch thread(s), "
-          f"{timing['png_writers']} PNG writer thread(s) at compress_level {timing['png_compress_level']}, "
+          f"guidance {guidance}, {threads['device']}, {torch.get_num_threads()} torch thread(s), "
+          f"{threads['png_writers']} PNG writer thread(s) at compress_level {threads['png_compress_level']}, "
           f"median of {rounds} rounds, torch {torch.__version__}")
     print(f"| {'sample.py run':<28} | {'images/s':>9} | {'time vs not written':>19} |")
     print(f"|{'-' * 30}|{'-' * 11}|{'-' * 21}|")

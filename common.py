@@ -760,6 +760,27 @@ def stop_run(flag, it, out_dir, d):
     raise SystemExit(EXIT_STOPPED)
 
 
+def checkpoint_step(it, last, interval, save_checkpoint, stop, out_dir, d):
+    """A trainer's checkpoints after step `it`: every `interval` steps and at the `last`; and when any rank was
+    signalled (catch_stop_signals), one at this step if none was just written, then stop_run."""
+    if it % interval == 0 or it == last:
+        save_checkpoint()
+    if it < last and stop_requested(stop, d):
+        if it % interval:
+            save_checkpoint()
+        stop_run(stop, it, out_dir, d)
+
+
+def end_run(stop, out_dir, wandb_run, d):
+    """A trainer's last lines: the signal handlers and out_dir's lock given back, wandb and the process group closed."""
+    restore_stop_signals(stop)
+    release_out_dir(out_dir)
+    if wandb_run is not None:
+        wandb_run.finish()
+    if d.ddp:
+        dist.destroy_process_group()
+
+
 _held_locks = set()
 
 

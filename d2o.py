@@ -34,12 +34,12 @@ from tqdm import tqdm
 from efficientnet_lite import EfficientNetLite0, load_lite0
 
 from common import (Dist, all_finite, all_reduce_mean, append_log, atomic_save, autocast, catch_stop_signals,
-                    check_config, checked_compile, ddim_sample, decode, encode, estimate_memory, fp32_output, gather,
-                    guidance_text, images_to_tensor, latent_shape, load_checkpoint, load_sd, load_split,
-                    lock_out_dir, memory_report, micro_batch, one_step_x0, peak_memory_gb, placeholder_cond,
-                    prompt_conds, release_out_dir, require_finite, restore_stop_signals, resume_rng, rng_state,
-                    save_grid, save_json, sd_from_configs, seeded_noise, start_log, start_run, start_wandb,
-                    stop_if_diverged, stop_requested, stop_run, vae_factor, wandb_image)
+                    check_config, checked_compile, checkpoint_step, ddim_sample, decode, encode, end_run,
+                    estimate_memory, fp32_output, gather, guidance_text, images_to_tensor, latent_shape,
+                    load_checkpoint, load_sd, load_split, lock_out_dir, memory_report, micro_batch, one_step_x0,
+                    peak_memory_gb, placeholder_cond, prompt_conds, require_finite, resume_rng, rng_state, save_grid,
+                    save_json, sd_from_configs, seeded_noise, start_log, start_run, start_wandb, stop_if_diverged,
+                    vae_factor, wandb_image)
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model (hub id or folder): the generator's initialisation
@@ -845,19 +845,9 @@ def main(argv):
                 f"{k} {point[k]:.4g}" for k in ("fid_fmnist_classifier", "caption_accuracy") if point.get(k) is not None))
         if it == max_iters and d.master:  # the UNet before the last checkpoint: a full disk keeps it
             export_unet(ema)
-        if it % ckpt_interval == 0 or it == max_iters:
-            save_checkpoint()
-        if it < max_iters and stop_requested(stop, d):
-            if it % ckpt_interval:
-                save_checkpoint()
-            stop_run(stop, it, out_dir, d)
+        checkpoint_step(it, max_iters, ckpt_interval, save_checkpoint, stop, out_dir, d)  # (and SIGTERM's stop)
     pbar.close()
-    restore_stop_signals(stop)
-    release_out_dir(out_dir)
-    if wandb_run is not None:
-        wandb_run.finish()
-    if d.ddp:
-        torch.distributed.destroy_process_group()
+    end_run(stop, out_dir, wandb_run, d)
 
 
 if __name__ == "__main__":

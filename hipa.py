@@ -45,13 +45,13 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from common import (all_finite, all_reduce_mean, append_log, atomic_save, autocast, catch_stop_signals, check_config,
-                    checked_compile, ddim_sample, decode, downsample, estimate_memory, fetch, fp32_output, gather,
-                    guidance_text, images_to_tensor, is_sdxl, latent_shape, load_checkpoint, load_low_res_scheduler,
-                    load_sd, load_split, lock_out_dir, make_mask, memory_report, micro_batch, model_task,
-                    one_step_x0, peak_memory_gb, placeholder_cond, prompt_conds, release_out_dir, require_finite,
-                    restore_stop_signals, resume_rng, rng_state, save_grid, save_json, sd_from_configs, seeded_noise,
-                    start_log, start_run, start_wandb, stop_if_diverged, stop_requested, stop_run, task_input,
-                    vae_factor, wandb_image)
+                    checked_compile, checkpoint_step, ddim_sample, decode, downsample, end_run, estimate_memory,
+                    fetch, fp32_output, gather, guidance_text, images_to_tensor, is_sdxl, latent_shape,
+                    load_checkpoint, load_low_res_scheduler, load_sd, load_split, lock_out_dir, make_mask,
+                    memory_report, micro_batch, model_task, one_step_x0, peak_memory_gb, placeholder_cond,
+                    prompt_conds, require_finite, resume_rng, rng_state, save_grid, save_json, sd_from_configs,
+                    seeded_noise, start_log, start_run, start_wandb, stop_if_diverged, task_input, vae_factor,
+                    wandb_image)
 from lora_files import adaptor_metadata, kohya_lora_state, unet_fingerprint
 
 # ----------------------------------------------------------------------------- config
@@ -760,19 +760,9 @@ def main(argv):
             wandb_image(wandb_run, os.path.join(out_dir, f"val_{it:06d}.png"), it)
         if it == max_iters and d.master:  # the adaptor before the last checkpoint: a full disk keeps it
             export_adaptor(loras, ema, params, unet, base_fingerprint, config)
-        if it % ckpt_interval == 0 or it == max_iters:
-            save_checkpoint()
-        if it < max_iters and stop_requested(stop, d):
-            if it % ckpt_interval:
-                save_checkpoint()
-            stop_run(stop, it, out_dir, d)
+        checkpoint_step(it, max_iters, ckpt_interval, save_checkpoint, stop, out_dir, d)  # (and SIGTERM's stop)
     pbar.close()
-    restore_stop_signals(stop)
-    release_out_dir(out_dir)
-    if wandb_run is not None:
-        wandb_run.finish()
-    if d.ddp:
-        torch.distributed.destroy_process_group()
+    end_run(stop, out_dir, wandb_run, d)
 
 
 if __name__ == "__main__":

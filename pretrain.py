@@ -38,11 +38,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (Text, all_reduce_mean, append_log, atomic_save, autocast, catch_stop_signals, check_config,
-                    checked_compile, ddim_sample, decode, downsample, encode, encode_prompts, gather,
-                    images_to_tensor, inpaint_input, load_checkpoint, load_split, lock_out_dir, make_mask,
-                    peak_memory_gb, release_out_dir, restore_stop_signals, resume_rng, rng_state, save_grid,
-                    save_json, start_log, start_run, start_wandb, stop_requested, stop_run, upscale_input,
-                    vae_factor, wandb_image)
+                    checked_compile, checkpoint_step, ddim_sample, decode, downsample, encode, encode_prompts,
+                    end_run, gather, images_to_tensor, inpaint_input, load_checkpoint, load_split, lock_out_dir,
+                    make_mask, peak_memory_gb, resume_rng, rng_state, save_grid, save_json, start_log, start_run,
+                    start_wandb, upscale_input, vae_factor, wandb_image)
 
 # ----------------------------------------------------------------------------- config
 out_dir = "out/pretrain"  # checkpoints, sample grids, config.json, log.jsonl and the final model/ folder
@@ -588,14 +587,8 @@ def main(argv):
                 task_grid(ema, vae, tokenizer, scheduler, low_res_scheduler, task, images_to_tensor(images[grid_idx]),
                           [rows[i]["captions"][0] for i in grid_idx], 4, path, d.device)
             wandb_image(wandb_run, path, it, key="samples")
-        if it % ckpt_interval == 0 or it == total:
-            save_checkpoint()
-        if it < total and stop_requested(stop, d):
-            if it % ckpt_interval:
-                save_checkpoint()
-            stop_run(stop, it, out_dir, d)
+        checkpoint_step(it, total, ckpt_interval, save_checkpoint, stop, out_dir, d)  # (and SIGTERM's stop)
     pbar.close()
-    restore_stop_signals(stop)
     if d.master and iters > 0:
         import diffusers
         parts = dict(vae=vae, text_encoder=ema.text_encoder, tokenizer=tokenizer, unet=ema.unet, scheduler=scheduler,
@@ -615,11 +608,7 @@ def main(argv):
             shutil.rmtree(final)
         os.replace(tmp, final)
         print(f"saved {final} ({type(pipe).__name__}.from_pretrained loads it)")
-    release_out_dir(out_dir)
-    if wandb_run is not None:
-        wandb_run.finish()
-    if d.ddp:
-        torch.distributed.destroy_process_group()
+    end_run(stop, out_dir, wandb_run, d)
 
 
 def write_slow_tokenizer_files(tokenizer, folder):

@@ -168,7 +168,7 @@ def start_out_dir(settings, d):
 
 
 def save_png(array, path, compress_level):
-    """(H, W, 3) uint8 -> path, written as path.tmp.png and renamed: a killed run leaves no truncated PNG under the name."""
+    """(H, W, 3) uint8 -> path, through path.tmp.png and a rename: a killed run leaves no truncated PNG by that name."""
     Image.fromarray(array).save(path + ".tmp.png", compress_level=compress_level)
     os.replace(path + ".tmp.png", path)
 
