@@ -108,11 +108,19 @@ def main(argv):
     base = statistics.median(times["floor (bare calls)"])
     print(f"\n{model}, batch {batch_size}, guidance {guidance}, {d.device} {str(dt).split('.')[-1]}, "
           f"median of {rounds} rounds, torch {torch.__version__}")
-    print(f"| {'path':<28} | {'ms / batch':>10} | {'images/s':>9} | {'vs floor':>8} |")
-    print(f"|{'-' * 30}|{'-' * 12}|{'-' * 11}|{'-' * 10}|")
-    for name, ts in times.items():
-        m = statistics.median(ts)
-        print(f"| {name:<28} | {1000 * m:>10.1f} | {batch_size / m:>9.1f} | {m / base:>7.2f}x |")
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    print_table(["path", "ms / batch", "images/s", "vs floor"],
+                [[name, f"{1000 * m:.1f}", f"{batch_size / m:.1f}", f"{m / base:.2f}x"] for name, m in medians.items()])
+
+
+def print_table(header, rows):
+    """A markdown table as README shows them: header, rule, rows (cells are strings; the first left-aligned)."""
+    widths = [max(len(c) for c in column) for column in zip(header, *rows)]
+    for i, cells in enumerate([header, *rows]):
+        print("| " + " | ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))
+              + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
 # ----------------------------------------------------------------------------- end to end: sample.py writing PNGs
@@ -189,11 +197,9 @@ def bench_end_to_end():
           f"guidance {guidance}, {threads['device']}, {torch.get_num_threads()} torch thread(s), "
           f"{threads['png_writers']} PNG writer thread(s) at compress_level {threads['png_compress_level']}, "
           f"median of {rounds} rounds, torch {torch.__version__}")
-    print(f"| {'sample.py run':<28} | {'images/s':>9} | {'time vs not written':>19} |")
-    print(f"|{'-' * 30}|{'-' * 11}|{'-' * 21}|")
-    for case, r in rates.items():
-        m = statistics.median(r)
-        print(f"| {case:<28} | {m:>9.2f} | {floor / m:>18.3f}x |")
+    medians = {case: statistics.median(r) for case, r in rates.items()}
+    print_table(["sample.py run", "images/s", "time vs not written"],
+                [[case, f"{m:.2f}", f"{floor / m:.3f}x"] for case, m in medians.items()])
 
 
 if __name__ == "__main__":

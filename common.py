@@ -182,15 +182,17 @@ def read_model_index(path, hub_id):
 
 
 def model_family(path, hub_id):
-    """'sd' or 'sdxl', found from the model itself (its pipeline class, else its folders); one clear line for a
-    family this repository does not load."""
+    """('sd' or 'sdxl', zero_uncond), found from the model itself (its pipeline class, else its folders); one clear
+    line for a family this repository does not load. zero_uncond: guidance's unconditional branch is zeros (the
+    SDXL pipelines' force_zeros_for_empty_prompt, their default: true)."""
     index = read_model_index(path, hub_id)
     kind = index.get("_class_name")
     if kind is None:  # a folder of parts: SDXL has a second text encoder; SD3, FLUX, PixArt a transformer
         if not hub_id and os.path.isdir(os.path.join(path, "transformer")):
             raise SystemExit(f"model error: {path} holds a transformer, not a UNet (SD3, FLUX, PixArt?); "
                              f"supported: {SUPPORTED}")
-        return "sdxl" if not hub_id and os.path.isdir(os.path.join(path, "text_encoder_2")) else "sd"
+        sdxl = not hub_id and os.path.isdir(os.path.join(path, "text_encoder_2"))
+        return ("sdxl", True) if sdxl else ("sd", False)
     if kind not in FAMILIES:
         raise SystemExit(f"model error: {path} is a {kind}, which this repository does not load; supported: "
                          f"{SUPPORTED}")
@@ -198,7 +200,7 @@ def model_family(path, hub_id):
                                      is None):
         raise SystemExit(f"model error: {path} is an SDXL refiner-style {kind} (one text encoder, aesthetic-score "
                          f"conditioning), which this repository does not load; supported: {SUPPORTED}")
-    return FAMILIES[kind]
+    return FAMILIES[kind], FAMILIES[kind] == "sdxl" and index.get("force_zeros_for_empty_prompt", True)
 
 
 def load_sd(path, device="cpu", dtype=torch.float32):
@@ -212,13 +214,12 @@ def load_sd(path, device="cpu", dtype=torch.float32):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     path = os.path.expanduser(path)
     hub_id = is_hub_id(path)
-    family = model_family(path, hub_id)
+    family, zero_uncond = model_family(path, hub_id)
     if not hub_id:
         missing = [d for d in PARTS[family] if not os.path.isdir(os.path.join(path, d))]
         if missing:
             raise SystemExit(f"model error: {path} is not an {'SDXL' if family == 'sdxl' else 'SD'}-format folder "
                              f"(missing {', '.join(missing)})")
-    index = read_model_index(path, hub_id)
     try:
         tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
         encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)]
@@ -247,7 +248,6 @@ def load_sd(path, device="cpu", dtype=torch.float32):
                          f"model is laid out as {'SDXL' if family == 'sdxl' else 'SD 1.x/2.x'}")
     for m in (*encoders, vae, unet):
         m.requires_grad_(False).eval().to(device)
-    zero_uncond = family == "sdxl" and index.get("force_zeros_for_empty_prompt", True)  # (the pipeline's default)
     text = Text(tuple(tokenizers), tuple(encoders), zero_uncond)
     return text, vae, fp32_output(unet), scheduler
 
@@ -278,15 +278,14 @@ def encode_prompts(text, prompts, size=None):
     states concatenated (768 + 1280 = 2048 on SDXL base), text_encoder_2's projected text_embeds, and the time ids
     of plain generation at size = (height, width) of the images: original size, crop top-left (0, 0), target
     size. A prompt longer than the tokenizer's max length is truncated, with diffusers' warning."""
-    ids = []
-    for tokenizer in text.tokenizers:
-        ids.append(tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids)
-        whole = tokenizer(list(prompts), padding="longest", return_tensors="pt").input_ids
-        if whole.shape[-1] > ids[-1].shape[-1] and tokenizer is text.tokenizers[0]:
-            removed = tokenizer.batch_decode(whole[:, tokenizer.model_max_length - 1: -1])
-            print(f"warning: the following part of your input was truncated because CLIP can only handle sequences "
-                  f"up to {tokenizer.model_max_length} tokens: {removed}", file=sys.stderr)
+    ids = [tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids for tokenizer in text.tokenizers]
+    tokenizer = text.tokenizers[0]  # (SDXL's second tokenizer has the same vocabulary: one warning)
+    whole = tokenizer(list(prompts), padding="longest", return_tensors="pt").input_ids
+    if whole.shape[-1] > ids[0].shape[-1]:
+        removed = tokenizer.batch_decode(whole[:, tokenizer.model_max_length - 1: -1])
+        print(f"warning: the following part of your input was truncated because CLIP can only handle sequences "
+              f"up to {tokenizer.model_max_length} tokens: {removed}", file=sys.stderr)
     return encode_ids(text, ids, size)
 
 
@@ -1091,7 +1090,7 @@ def sd_from_configs(path, unet_dtype=torch.float32):
     placeholder_cond."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    family = model_family(path, is_hub_id(path))
+    family, zero_uncond = model_family(path, is_hub_id(path))
     try:
         configs = [UNet2DConditionModel.load_config(path, subfolder="unet"),
                    AutoencoderKL.load_config(path, subfolder="vae"),
@@ -1115,7 +1114,7 @@ def sd_from_configs(path, unet_dtype=torch.float32):
     encoders = [CLIPTextModel(configs[2])] + [CLIPTextModelWithProjection(c) for c in configs[3:]]
     for m in (*encoders, vae, unet):
         m.requires_grad_(False).eval()
-    return Text(None, tuple(encoders), family == "sdxl"), vae, fp32_output(unet), scheduler
+    return Text(None, tuple(encoders), zero_uncond), vae, fp32_output(unet), scheduler
 
 
 def placeholder_cond(text, n, size=None):
