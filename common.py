@@ -724,8 +724,13 @@ def catch_stop_signals():
     """From now on SIGTERM and SIGUSR1 only set a flag (a dict: {'signal': name or None}) that the training loop
     reads between steps (stop_requested)."""
     flag = {"signal": None, "previous": {s: signal.getsignal(s) for s in STOP_SIGNALS}}
+    owner = os.getpid()
 
     def handler(signum, frame):
+        if os.getpid() != owner:  # a forked child (a multiprocessing worker, which Pool.terminate ends with
+            signal.signal(signum, signal.SIG_DFL)  # SIGTERM) inherited this handler: the signal's usual effect
+            os.kill(os.getpid(), signum)
+            return
         flag["signal"] = signal.Signals(signum).name
     for s in STOP_SIGNALS:
         signal.signal(s, handler)

@@ -119,3 +119,14 @@ def run_killed_after(module, argv, k, monkeypatch):
         module.main(argv)
     monkeypatch.setattr(module, "atomic_save", real_save)
     return saves
+
+
+@pytest.fixture(autouse=True)
+def own_stop_signals():
+    """Tests call the trainers' main() in this process; one that ends in SystemExit leaves the trainer's SIGTERM and
+    SIGUSR1 handlers (common.catch_stop_signals) installed: give pytest its own back after each test."""
+    import signal
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

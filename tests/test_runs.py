@@ -228,3 +228,16 @@ class TinyFeatures(torch.nn.Module):
     def forward(self, img, return_features=False, use_fp16=False, no_output_bias=False):
         f = torch.nn.functional.adaptive_avg_pool2d(img.float() / 128 - 1, 2).flatten(1)
         return f if return_features else torch.softmax(f[:, :4], 1)
+
+
+def test_forked_workers_still_end_on_sigterm_after_the_trainer_catches_it():
+    """A multiprocessing pool forked while a trainer catches SIGTERM (its workers inherit the handler) must still
+    end: Pool.terminate stops its workers with SIGTERM. (A handler that only set the flag hung the join.)"""
+    code = ("import common; common.catch_stop_signals()\n"
+            "from multiprocessing import get_context\n"
+            "with get_context('fork').Pool(2) as pool:\n"
+            "    pass\n"
+            "print('ended')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert run.returncode == 0 and "ended" in run.stdout, run.stderr[-2000:]
