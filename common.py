@@ -976,10 +976,15 @@ def require_finite(tensors, what):
         raise SystemExit(f"training error: {what} has non-finite weights; not saved (the run diverged: lower the lr?)")
 
 
+def finite_or_null(record):
+    """The record with each non-finite float as None: JSON's null (a bare NaN is not JSON)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
 def append_log(path, record, run=None):
-    """One JSON line; a non-finite float is written as null (bare NaN is not JSON). With a wandb run (start_wandb),
+    """One JSON line; a non-finite float is written as null (finite_or_null). With a wandb run (start_wandb),
     the same record goes there too, at step record['iter']: log.jsonl stays the ground truth."""
-    record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    record = finite_or_null(record)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
     if run is not None:

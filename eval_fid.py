@@ -15,7 +15,6 @@ Reference statistics are cached in cache_dir. Under torchrun the ranks share the
 """
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -34,7 +33,7 @@ from PIL import Image
 from scipy.special import rel_entr
 from tqdm import tqdm
 
-from common import fetch, images_to_tensor, load_split, save_json, setup_ddp
+from common import fetch, finite_or_null, images_to_tensor, load_split, save_json, setup_ddp
 from prepare_fmnist import CLASSES
 
 # -----------------------------------------------------------------------------
@@ -485,9 +484,8 @@ def evaluate(gen_dirs, ref, d=None, **options):
         rows.append(row)
         curves.append((s.name, *radial_profile(res["power"], s.n)))
 
-    bad = [row["gen"] for row in rows if any(isinstance(v, float) and not math.isfinite(v) for v in row.values())]
-    rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-            for row in rows]  # (valid JSON: null, not a bare NaN)
+    bad = [row["gen"] for row in rows if finite_or_null(row) != row]
+    rows = [finite_or_null(row) for row in rows]  # (valid JSON: null, not a bare NaN)
     out_path = o.out or os.path.join(gen_dirs[0], "metrics.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     plot = os.path.splitext(out_path)[0] + "_spectrum.png" if o.spectrum else None

@@ -276,9 +276,8 @@ def generate(unet_, vae, scheduler, text, batch_prompts, x_T, n_steps, w, task_k
     """Images in [0, 1] for a batch: each distinct prompt encoded once, one UNet call per step
     (cond and uncond batched), one VAE decode. task_kwargs: what a task adds (common.task_input)."""
     unique = sorted(set(batch_prompts))
-    cond, uncond = prompt_conds(text, unique, unet_.dtype)  # text: common.guidance_text
-    cond = cond[[unique.index(p) for p in batch_prompts]]
-    uncond = uncond[:1].expand(len(batch_prompts)) if w > 1 else None  # guidance <= 1: no unconditional call
+    cond = prompt_conds(text, unique, unet_.dtype)[0][[unique.index(p) for p in batch_prompts]]  # guidance_text's
+    uncond = text[1].expand(len(batch_prompts)).to(unet_.dtype) if w > 1 else None  # <= 1: no unconditional call
     latents = ddim_sample(unet_, scheduler, x_T, cond, uncond, n_steps, w, **(task_kwargs or {}))
     if not torch.isfinite(latents).all():  # decoded, they would be black images written as a success
         raise SystemExit("sample error: the model made non-finite latents (NaN or inf): its weights (a diverged "
@@ -290,7 +289,10 @@ def main(argv):
     from configurator import configure
     config = configure(globals(), argv)
     check_config(config, positive=("steps", "num_per_prompt", "batch_size", "teacher_steps"),
-                 non_negative=("height", "width", "png_compress_level"))
+                 non_negative=("height", "width"))
+    if not 0 <= png_compress_level <= 9 or png_writers < -1:
+        raise SystemExit(f"sample error: png_compress_level must be 0-9 (got {png_compress_level}) and png_writers "
+                         f">= -1 (got {png_writers})")
     d = setup_ddp(device)
     check_out_dir_free(out_dir, d)  # one run per out_dir (another live run's images and metadata would mix)
     dt = torch_dtype(dtype, d.device)
@@ -380,9 +382,6 @@ def main(argv):
     total = len(all_prompts) * num_per
     mine = [i for i in range(d.rank, total, d.world_size)
             if not (skip_existing and os.path.exists(os.path.join(out_dir, f"{i:06d}.png")))]
-    if not 0 <= png_compress_level <= 9 or png_writers < -1:
-        raise SystemExit(f"sample error: png_compress_level must be 0-9 (got {png_compress_level}) and png_writers "
-                         f">= -1 (got {png_writers})")
     if png_writers == -1:  # the cores this rank may use, less the threads computing (on an accelerator: one feeds it)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         busy = torch.get_num_threads() if d.device.type == "cpu" else 1

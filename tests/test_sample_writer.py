@@ -143,6 +143,7 @@ def test_a_vanished_out_dir_exits_non_zero_with_one_line(tiny_sd, tmp_path):
 def test_png_settings_are_checked(tiny_sd, tmp_path):
     with pytest.raises(SystemExit, match=r"png_compress_level must be 0-9 \(got 10\)"):
         sample.main([f"--model={tiny_sd}", "--png_compress_level=10", f"--out_dir={tmp_path}"])
+    assert os.listdir(tmp_path) == []  # checked before anything is loaded or written
 
 
 def test_bench_end_to_end_times_sample_py_on_a_512px_model(capsys):
