@@ -417,10 +417,15 @@ def latent_shape(vae, unet, height=0, width=0):
     return unet.config.out_channels, height // factor, width // factor  # (the inpainting UNet takes 9 in)
 
 
-def decode(vae, latents):
-    """Latents (scaled as the UNet sees them) -> images in [0, 1], decoded in the VAE's dtype, returned fp32."""
+def decode(vae, latents, clamp="hard"):
+    """Latents (scaled as the UNet sees them) -> images in [0, 1], decoded in the VAE's dtype, returned fp32.
+    clamp: 'hard' (no gradient through saturated pixels), 'straight_through' (the clamped values with the
+    unclamped gradient) or 'none'."""
     z = latents / vae.config.scaling_factor
-    return (vae.decode(z.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+    x = vae.decode(z.to(vae.dtype)).sample.float() / 2 + 0.5
+    if clamp == "none":
+        return x
+    return x.clamp(0, 1) if clamp == "hard" else x + (x.clamp(0, 1) - x).detach()
 
 
 def encode(vae, images):

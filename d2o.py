@@ -65,10 +65,17 @@ unet_feature_t = 50  # 'teacher_unet': timestep at which the frozen UNet encoder
 proj_channels = 64  # CCM widths 64/128/256/512 at the four scales (Projected GAN's cout, expand=True)
 cmap_dim = 64  # conditional heads: logit = sum(out * proj(text)) / sqrt(cmap_dim)
 # objective and optimisation (paper Table 10)
-r1_gamma = 1.5e-4  # R1 weight with mean-reduced losses (= official gamma / per-GPU batch; see r1_penalty)
+r1_gamma = 1e-4  # the official code's R1 gamma; divided by the per-GPU batch here (r1_weight: one rule everywhere)
 r1_interval = 16  # lazy R1: every this many steps, weighted by the interval
-g_lr = 1e-4
+g_lr = 1e-4  # the paper's G learning rate (Table 10), in the official EDM generator's units ...
+g_lr_rule = True  # ... so multiplied by g_step_scale(scheduler): the official code's motion of the image per step
 d_lr = 1e-4  # scaled by c = r1_interval / (r1_interval + 1), and beta2 ** c, for lazy R1 (StyleGAN2)
+fake_clamp = "hard"  # the fakes' decode: 'hard' clamp to [-1, 1] (zero gradient on saturated pixels),
+# 'straight_through' (clamped forward, identity gradient) or 'none' (unclamped, as the official generator's output)
+cache_real_vae = False  # keep each real image's VAE round trip after its first use (in RAM, fp16: N x 3 x H x W x 2
+# bytes per process; 0.37 GB for Fashion-MNIST, 46 GB for COCO at 256 px): a deterministic posterior mean, so reused
+init_lora = ""  # a HiPA adaptor (diffusers-format file) merged into the generator before training: D2O from a
+# distilled start (an extension, docs/d2o.md); the teacher, the discriminator and everything else are unchanged
 max_iters = 800  # training images = max_iters * batch_size
 batch_size = 32  # global batch, over all ranks and micro-steps
 grad_accum = 1
@@ -471,14 +478,42 @@ def r1_penalty(D, real, text):
     """Per-image R1 penalty |grad_x sum(D(x))|^2 on real images, through the whole discriminator (features
     included), with the graph kept for the double backward. As the official code, the logits are summed over
     positions and backbones here while the adversarial terms average over positions. The official adversarial
-    terms are also summed over the per-GPU batch (a per-image list) while R1 is a batch mean, so with our
-    mean-reduced terms gamma = gamma_official / per-GPU batch. The MATH attention kernel: the fused ones have
-    no double backward."""
+    terms are also summed over the per-GPU batch (a per-image list) while R1 is a batch mean: r1_weight. The
+    MATH attention kernel: the fused ones have no double backward."""
     real = real.detach().requires_grad_(True)
     with sdpa_kernel([SDPBackend.MATH]):
         logits = D(real, text)
         grad, = torch.autograd.grad(sum(l.sum() for l in logits), real, create_graph=True)
     return grad.square().sum([1, 2, 3])
+
+
+def r1_weight(micro):
+    """The R1 term's weight with our mean-reduced adversarial terms: the official loss sums its adversarial terms
+    over the per-GPU batch and takes R1 as a batch mean, so the same balance is r1_gamma / per-GPU batch."""
+    return r1_gamma / micro
+
+
+# The official generator is EDM-preconditioned and called at sigma_max = 80 with sigma_data = 0.5: its image is
+# c_skip x + c_out F(x), c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2) = 0.49998, that is 0.99998 data
+# standard deviations per unit of the network's output F.
+EDM_C_OUT = 80.0 / math.sqrt(80.0 ** 2 + 0.5 ** 2)
+
+
+def output_scale(scheduler):
+    """How far one unit of the network's output moves the one-step x0 at t = T-1, in data standard deviations
+    (SD latents have about unit std by the VAE's scaling factor: 1.0005 on the tiny teacher's train images).
+    epsilon: x0 = (x_T - sqrt(1-a) eps) / sqrt(a) -> sqrt(1-a) / sqrt(a), 14.6 for SD's betas at 512 and on the
+    tiny teacher alike; v_prediction: x0 = sqrt(a) x_T - sqrt(1-a) v -> sqrt(1-a); sample: 1."""
+    a = scheduler.alphas_cumprod[scheduler.config.num_train_timesteps - 1].item()
+    kind = scheduler.config.prediction_type
+    return {"epsilon": math.sqrt((1 - a) / a), "v_prediction": math.sqrt(1 - a), "sample": 1.0}[kind]
+
+
+def g_step_scale(scheduler):
+    """The factor that turns the paper's generator learning rates into ours: Adam moves each weight by about lr
+    whatever the gradient's scale, so the image moves by lr x (the network's sensitivity) x c_out per step. The
+    same motion as the official generator's needs lr x EDM_C_OUT / output_scale: 1/14.6 for an SD epsilon model."""
+    return EDM_C_OUT / output_scale(scheduler)
 
 
 def ema_decay(images_seen, batch, halflife_kimg, rampup):
@@ -509,12 +544,12 @@ def optimizer_step(opt, params, d):
 
 
 def generate(unet, scheduler, vae, cond, uncond, shape, device):
-    """The generator: fresh x_T, one UNet call at t = T-1 (bf16 autocast on CUDA), x0, VAE decode (fp32),
-    images in [-1, 1]."""
+    """The generator: fresh x_T, one UNet call at t = T-1 (bf16 autocast on CUDA), x0, VAE decode (fp32,
+    fake_clamp), images in [-1, 1]."""
     x_T = torch.randn(len(cond), *shape, device=device)
     with autocast(device):
         x0 = one_step_x0(unet, scheduler, x_T, cond, uncond, guidance)
-    return decode(vae, x0.float()) * 2 - 1
+    return decode(vae, x0.float(), fake_clamp) * 2 - 1
 
 
 def real_images(vae, images_u8, device):
@@ -527,6 +562,26 @@ def real_images(vae, images_u8, device):
         return real
     with torch.no_grad():
         return decode(vae, encode(vae, real)) * 2 - 1
+
+
+class RealRoundTrips:
+    """real_images with cache_real_vae: each image's round trip is computed at its first use and kept in RAM
+    (fp16), so that every later epoch reads it instead of running the VAE again (the posterior mean: the same
+    values every time, to fp16's rounding). A resumed run fills it again."""
+
+    def __init__(self, images):
+        self.images, self.store, self.done = images, None, torch.zeros(len(images), dtype=torch.bool)
+
+    def __call__(self, vae, idx, device):
+        if not (real_through_vae and cache_real_vae):
+            return real_images(vae, self.images[idx], device)
+        todo = [k for k in idx if not self.done[k]]
+        if todo:
+            fresh = real_images(vae, self.images[todo], device).half().cpu()
+            if self.store is None:
+                self.store = torch.empty(len(self.images), *fresh.shape[1:], dtype=torch.float16)
+            self.store[todo], self.done[todo] = fresh, True
+        return self.store[idx].to(device).float()
 
 
 def load_real_data(root, split_name):
@@ -575,20 +630,24 @@ def learning_curve_point(ema, it, images_seen, device):
 
 
 def plot_curve(jsonl, png, refs=()):
-    """curve.jsonl -> curve.png: FID(fmnist-clf) and caption accuracy against the images seen; refs: (metric
-    key, value, label) drawn as horizontal lines (e.g. the teacher's figures from eval_fid.py's metrics.json)."""
+    """curve.jsonl -> curve.png: FID(fmnist-clf) and caption accuracy against the images seen; jsonl may also be
+    {label: curve.jsonl} to compare runs on one figure. refs: (metric key, value, label) drawn as horizontal lines
+    (e.g. the teacher's figures from eval_fid.py's metrics.json)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(jsonl) as f:
-        points = [json.loads(line) for line in f if line.strip()]
-    seen = [p["images_seen"] for p in points]
-    fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))
+    runs = {"D2O one step (EMA)": jsonl} if isinstance(jsonl, str) else jsonl
+    curves = {}
+    for name, path in runs.items():
+        with open(path) as f:
+            curves[name] = [json.loads(line) for line in f if line.strip()]
+    fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2 if len(runs) == 1 else 4.2))
     for ax, key, label in ((ax_fid, "fid_fmnist_classifier", "FID (fmnist-clf)"),
                            (ax_acc, "caption_accuracy", "caption accuracy")):
-        ax.plot(seen, [p.get(key) for p in points], "o-", label="D2O one step (EMA)")
+        for name, points in curves.items():
+            ax.plot([p["images_seen"] for p in points], [p.get(key) for p in points], "o-", ms=3, label=name)
         for i, (k, value, text) in enumerate(r for r in refs if r[0] == key):
-            ax.axhline(value, color=f"C{i + 1}", ls="--", label=text)
+            ax.axhline(value, color="grey" if len(runs) > 1 else f"C{i + 1}", ls=("--", ":", "-.")[i % 3], label=text)
         ax.legend(fontsize=7)
         ax.set_xlabel("real images seen by the discriminator")
         ax.set_ylabel(label)
@@ -660,6 +719,8 @@ def main(argv):
                                    "ema_kimg", "proj_channels", "cmap_dim", "teacher_steps", "log_interval",
                                    "eval_interval", "ckpt_interval", "max_nonfinite", "lite0_size", "curve_per_prompt"),
                  non_negative=("resolution", "r1_gamma", "ema_rampup", "num_val_prompts", "curve_interval"))
+    if fake_clamp not in ("hard", "straight_through", "none"):
+        raise SystemExit(f"config error: fake_clamp must be 'hard', 'straight_through' or 'none', not {fake_clamp!r}")
     if dry_run:
         micro = micro_batch(batch_size, grad_accum, dry_run_gpus, "dry_run_gpus")
         meta = os.path.join(data_dir, "meta.json")  # the real images' stored size, if prepared already
@@ -677,6 +738,7 @@ def main(argv):
 
     # --- data: real images (any size: the discriminator resizes) and their captions
     images, rows = load_real_data(data_dir, split)
+    reals = RealRoundTrips(images)
     n = len(rows)
     iters_per_epoch = n // batch_size
     if iters_per_epoch == 0:
@@ -698,6 +760,11 @@ def main(argv):
     text = guidance_text(text_model, (size, size))  # (Text, the unconditional Cond of one image, image size)
     uncond = text[1]
     G = copy.deepcopy(teacher).train()
+    if init_lora:  # the EMA below starts from the merged weights too
+        from lora_files import merge_lora
+        layers = merge_lora(G, init_lora, model, "d2o", d.master)
+        if d.master:
+            print(f"init_lora: {init_lora} merged into the generator ({layers} layers); the teacher stays as it was")
     stats = freeze_unet(G, freeze, freeze_ff)
     g_names = [k for k, p in G.named_parameters() if p.requires_grad]
     g_params = [p for p in G.parameters() if p.requires_grad]
@@ -715,7 +782,12 @@ def main(argv):
         G.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
 
-    opt_g = torch.optim.Adam(g_params, lr=g_lr, betas=(0.0, 0.99), eps=1e-8)
+    lr_g = g_lr * (g_step_scale(scheduler) if g_lr_rule else 1.0)
+    if d.master:
+        print(f"generator lr {lr_g:.3g}" + (f" = g_lr {g_lr:g} x {g_step_scale(scheduler):.4f} (g_lr_rule: the "
+              f"official generator's motion of the image per step; this model's output scale {output_scale(scheduler):.2f})"
+                                            if g_lr_rule else " (g_lr_rule=False: as given)"))
+    opt_g = torch.optim.Adam(g_params, lr=lr_g, betas=(0.0, 0.99), eps=1e-8)
     c = r1_interval / (r1_interval + 1) if r1_gamma > 0 else 1.0  # lazy regularisation (StyleGAN2)
     opt_d = torch.optim.Adam(d_params, lr=d_lr * c, betas=(0.0, 0.99 ** c), eps=1e-8)
     it = 0
@@ -767,7 +839,7 @@ def main(argv):
             idx = batch[(m * d.world_size + d.rank) * micro: (m * d.world_size + d.rank + 1) * micro].tolist()
             prompts = [rows[k]["captions"][torch.randint(len(rows[k]["captions"]), (1,)).item()] for k in idx]
             cond = prompt_conds(text, prompts)[0]
-            micros.append((cond, cond.pooled, real_images(vae, images[idx], d.device)))
+            micros.append((cond, cond.pooled, reals(vae, idx, d.device)))
         step = dict.fromkeys(("g_loss", "d_loss", "logit_real", "logit_fake", "logit_gap", "d_acc_real",
                               "d_acc_fake"), 0.0)
 
@@ -810,7 +882,7 @@ def main(argv):
             for _, pooled, real in micros:
                 with sdpa_kernel([SDPBackend.MATH]):  # backward recomputes checkpointed blocks: the same kernel
                     penalty = r1_penalty(D, real, pooled).mean()
-                    (penalty * (r1_gamma / 2) * r1_interval / grad_accum).backward()
+                    (penalty * (r1_weight(micro) / 2) * r1_interval / grad_accum).backward()
                 step["r1"] += penalty.item() / grad_accum
             optimizer_step(opt_d, d_params, d)
 

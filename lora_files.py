@@ -5,6 +5,7 @@ safetensors metadata: base model, task, rank; sample.py checks it before merging
 """
 import hashlib
 import json
+import os
 import re
 
 import torch
@@ -120,3 +121,45 @@ def check_adaptor(path, unet, model_path, who, verbose=True):
         print(f"warning: {path} was trained on {meta.get('base_model')} (UNet {theirs}), not on {model_path} "
               f"(UNet {ours}): its images may be off")
     return meta
+
+
+# ----------------------------------------------------------------------------- merging an adaptor
+
+
+def merge_lora(unet, path, model_path="the model", who="sample", verbose=True):
+    """W <- W + B A for every adapted layer, from a diffusers-format LoRA file (keys
+    'unet.<module>.lora_A.weight' / '.lora_B.weight', alpha / rank already folded into B). Its metadata first
+    (lora_files.check_adaptor): an adaptor of another task is refused, one trained on other weights than model_path's
+    warned about (when verbose); a file without metadata loads as it is."""
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        raise SystemExit(f"{who} error: LoRA file {path} not found")
+    check_adaptor(path, unet, model_path, who, verbose)
+    state = load_file(path)
+    bad = next((k for k, v in state.items() if not torch.isfinite(v).all()), None)
+    if bad:  # it would merge into NaN weights and black images
+        raise SystemExit(f"{who} error: {path} holds non-finite values (NaN or inf) in {bad}; the run that made "
+                         "it diverged")
+    modules = dict(unet.named_modules())
+    pairs = {k[len("unet."):-len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")}
+    if not pairs:
+        raise SystemExit(f"{who} error: {path} has no 'unet.*.lora_A.weight' keys; not a diffusers LoRA file")
+    for name in sorted(pairs):
+        if name not in modules:
+            raise SystemExit(f"{who} error: {path} adapts '{name}', which this UNet does not have "
+                             f"(made for another base model?); {model_path} is {family_name(unet)} model")
+        layer = modules[name]
+        A, B = state[f"unet.{name}.lora_A.weight"].float(), state[f"unet.{name}.lora_B.weight"].float()
+        if (B.shape[0], *A.shape[1:]) != layer.weight.shape or B.flatten(1).shape[1] != A.shape[0]:
+            raise SystemExit(f"{who} error: {path} does not fit this UNet: {name} expects a weight of "
+                             f"{tuple(layer.weight.shape)}, file has lora_B {tuple(B.shape)} x lora_A "
+                             f"{tuple(A.shape)} (made for another base model?); {model_path} is {family_name(unet)} model")
+        delta = (B.flatten(1) @ A.flatten(1)).view_as(layer.weight)
+        with torch.no_grad():
+            layer.weight += delta.to(layer.weight.dtype)
+    return len(pairs)
+
+
+def family_name(unet_):
+    return "an SDXL" if is_sdxl(unet_) else "an SD 1.x/2.x"

@@ -36,9 +36,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import (autocast, changed_settings, check_config, check_out_dir_free, ddim_sample, decode, fp32_output,
-                    guidance_text, images_to_tensor, is_sdxl, latent_shape, load_low_res_scheduler, load_sd,
+                    guidance_text, images_to_tensor, latent_shape, load_low_res_scheduler, load_sd,
                     lock_out_dir, make_mask, model_task, prompt_conds, release_out_dir, save_grid, save_json,
                     seeded_noise, setup_ddp, task_input, torch_dtype, vae_factor, write_jsonl)
+from lora_files import family_name, merge_lora
 
 # ----------------------------------------------------------------------------- config
 model = "assets/tiny-sd-fmnist"  # SD-format model: hub id or folder
@@ -87,46 +88,6 @@ def read_prompts(spec):
     if not lines:
         raise SystemExit(f"sample error: prompt file {spec} is empty")
     return lines
-
-
-def merge_lora(unet, path, unet_name=None, verbose=True):
-    """W <- W + B A for every adapted layer, from a diffusers-format LoRA file (keys
-    'unet.<module>.lora_A.weight' / '.lora_B.weight', alpha / rank already folded into B). Its metadata first
-    (lora_files.check_adaptor): an adaptor of another task is refused, one trained on other weights than unet_name's
-    (default: model's) warned about (when verbose); a file without metadata loads as it is."""
-    from safetensors.torch import load_file
-
-    from lora_files import check_adaptor
-    if not os.path.exists(path):
-        raise SystemExit(f"sample error: LoRA file {path} not found")
-    check_adaptor(path, unet, unet_name or model, "sample", verbose)
-    state = load_file(path)
-    bad = next((k for k, v in state.items() if not torch.isfinite(v).all()), None)
-    if bad:  # it would merge into NaN weights and black images
-        raise SystemExit(f"sample error: {path} holds non-finite values (NaN or inf) in {bad}; the run that made "
-                         "it diverged")
-    modules = dict(unet.named_modules())
-    pairs = {k[len("unet."):-len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")}
-    if not pairs:
-        raise SystemExit(f"sample error: {path} has no 'unet.*.lora_A.weight' keys; not a diffusers LoRA file")
-    for name in sorted(pairs):
-        if name not in modules:
-            raise SystemExit(f"sample error: {path} adapts '{name}', which this UNet does not have "
-                             f"(made for another base model?); {model} is {family_name(unet)} model")
-        layer = modules[name]
-        A, B = state[f"unet.{name}.lora_A.weight"].float(), state[f"unet.{name}.lora_B.weight"].float()
-        if (B.shape[0], *A.shape[1:]) != layer.weight.shape or B.flatten(1).shape[1] != A.shape[0]:
-            raise SystemExit(f"sample error: {path} does not fit this UNet: {name} expects a weight of "
-                             f"{tuple(layer.weight.shape)}, file has lora_B {tuple(B.shape)} x lora_A "
-                             f"{tuple(A.shape)} (made for another base model?); {model} is {family_name(unet)} model")
-        delta = (B.flatten(1) @ A.flatten(1)).view_as(layer.weight)
-        with torch.no_grad():
-            layer.weight += delta.to(layer.weight.dtype)
-    return len(pairs)
-
-
-def family_name(unet_):
-    return "an SDXL" if is_sdxl(unet_) else "an SD 1.x/2.x"
 
 
 def check_unet_fits(tuned, base):
@@ -340,7 +301,7 @@ def main(argv):
         if compare:
             import copy
             adapted = copy.deepcopy(adapted)
-        n = merge_lora(adapted, lora, unet or model, d.master)
+        n = merge_lora(adapted, lora, unet or model, "sample", d.master)
         if d.master:
             print(f"merged LoRA of {n} layers from {lora}")
     text = guidance_text(text_model, size)

@@ -21,6 +21,8 @@ joint_batch = True  # real and fake share the heads' BatchNorm statistics (docs/
 offline_fallback = False  # a paper run must not silently train against another discriminator
 # Paper Table 10, ImageNet 64 (the largest and most diverse setting, the ADM generator): G lr 8e-6, D lr 4e-5,
 # Adam (0, 0.99), batch 512 there; 256 here as for the other datasets. EMA half-life 0.5 Mimg, warm-up 0.05.
+# g_lr is in the official generator's units: d2o.py's g_lr_rule multiplies it by 1/14.6 for SD's epsilon schedule
+# (5.5e-7), so that a step moves the image as far as the official code's (docs/d2o.md, "Step size").
 g_lr = 8e-6
 d_lr = 4e-5
 batch_size = 256
@@ -29,9 +31,8 @@ batch_size = 256
 grad_accum = 2
 ema_kimg = 500.0
 ema_rampup = 0.05
-# R1: official ImageNet gamma 4e-4 with per-GPU batch 64 (512 on 8) -> 6.25e-6 with mean-reduced losses, for a
-# D that sees 64-px images upsampled to 224; ours are 256-px images downsampled to 224, which makes |grad x|^2
-# about (256/64)^2 = 16x smaller for the same D: 6.25e-6 * 16 = 1e-4.
+# R1: the official code's gamma; d2o.r1_weight divides it by the per-GPU batch (16 here) for our mean-reduced
+# losses, the one rule of every config.
 r1_gamma = 1e-4
 r1_interval = 16
 max_iters = 20000  # 5.1 M images, the paper's budget (it reports good images after 0.2 M: check the grids early)

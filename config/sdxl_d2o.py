@@ -10,8 +10,7 @@ out_dir = "out/d2o-sdxl"
 resolution = 1024  # SDXL's native size; real images stay at 256 (the discriminator resizes every image to 224)
 # Kept: D2O-F freezing, no guidance, the official Lite0 + DeiT discriminator at 224, R1 1e-4 (the same D input).
 # Kept: G 8e-6 / D 4e-5. SDXL has SD's noise schedule (alphas_cumprod[999] = 0.0047), so its one-step x0 amplifies
-# the UNet output by 14.6 as SD 2.1's does and the SD 2.1 config's step sizes carry over; issue 21 measures what
-# that step size does to the images.
+# the UNet output by 14.6 as SD 2.1's does, and g_lr_rule gives it the same step (g_lr x 1/14.6).
 # Batch 64, not 256: an SDXL generator step at 1024 costs ~10x SD 2.1's at 512; 2 images per GPU and micro-step on
 # 8 GPUs: an estimated 58 GiB per GPU (README, "Memory"); it does not fit 40 GB cards.
 batch_size = 64

@@ -474,3 +474,143 @@ def test_learning_curve_scores_the_ema_by_the_demo_recipe_and_leaves_the_run_unc
     plain, with_curve = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("plain", "curve"))
     for part in ("g", "ema", "d_heads"):
         assert all(torch.equal(plain[part][k], with_curve[part][k]) for k in plain[part]), part
+
+
+# ----------------------------------------------------------------------------- issue 21: step size, R1, caches
+
+def test_step_size_rule_follows_the_schedule_and_prediction_type(sd):
+    """g_step_scale = EDM's c_out at sigma 80 (in data stds) / this model's x0 sensitivity at t = T-1: 1/14.6 for
+    SD's epsilon schedule, whatever the resolution (the tiny teacher and SD at 512 share the betas); a v model
+    ~1; a sample model EDM's own c_out."""
+    from diffusers import DDIMScheduler
+    assert d2o.EDM_C_OUT == pytest.approx(0.99998, abs=1e-5)
+    scheduler = sd[3]
+    assert d2o.output_scale(scheduler) == pytest.approx(14.6146, abs=1e-3)
+    sd_config = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # SD 2.1 / SDXL
+    assert d2o.g_step_scale(sd_config) == pytest.approx(d2o.g_step_scale(scheduler), rel=1e-6)
+    assert d2o.g_step_scale(scheduler) == pytest.approx(1 / 14.6146, rel=1e-4)
+    v = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    assert d2o.output_scale(v) == pytest.approx(np.sqrt(1 - v.alphas_cumprod[-1].item()))
+    x0 = DDIMScheduler(prediction_type="sample")
+    assert d2o.g_step_scale(x0) == d2o.EDM_C_OUT
+
+
+def test_one_generator_step_at_the_rules_lr_moves_x0_as_far_as_the_official_generator_would(sd):
+    """The rule's claim, measured: one Adam step (betas (0, 0.99): its first step moves each weight by lr) at
+    lr x g_step_scale moves our one-step x0 by EDM_C_OUT times what one step at lr moves the network's raw
+    output: what the same network would do to the official generator's image (its c_out) at the paper's lr."""
+    text, vae, unet, scheduler = sd
+    x_T = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = encode_prompts(text, ["a bag", "a sneaker", "a bag", "a shirt"])
+    t = scheduler.config.num_train_timesteps - 1
+    target = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def motion(lr, raw):
+        net = __import__("copy").deepcopy(unet).requires_grad_(True)
+        f = (lambda: net(x_T, t, encoder_hidden_states=cond.hidden).sample) if raw else \
+            (lambda: one_step_x0(net, scheduler, x_T, cond, None, 1.0))
+        opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.0, 0.99))
+        before = f()
+        (before * target).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            return (f() - before.detach()).square().mean().sqrt().item()
+    lr = 1e-6
+    ours = motion(lr * d2o.g_step_scale(scheduler), raw=False)
+    official = d2o.EDM_C_OUT * motion(lr, raw=True)
+    assert ours == pytest.approx(official, rel=0.02)
+    assert motion(lr, raw=False) == pytest.approx(14.6 * ours, rel=0.05)  # the paper's lr as given: 14.6x further
+
+
+def test_r1_weight_gives_the_official_balance_of_r1_and_adversarial_terms(monkeypatch):
+    """The official loss: adversarial terms summed over the per-GPU batch, R1 a batch mean times gamma / 2. Ours
+    (means) times the per-GPU batch must be that loss, so the gradients differ only by that constant."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3 * 4 * 4) * 0.1)
+    toy_d = lambda x, text: [(x.flatten(1) * w).sum(1, keepdim=True) + (x.flatten(1) ** 2 @ w.abs())[:, None]]
+    real, fake, text = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4), torch.rand(6, 2)
+    gamma, micro = 1e-1, 6
+
+    def grads(loss):
+        w.grad = None
+        loss.backward()
+        return w.grad.clone()
+    penalty = d2o.r1_penalty(toy_d, real, text)
+    official = sum(torch.nn.functional.softplus(toy_d(fake[i:i + 1], 0)[0]).sum() +
+                   torch.nn.functional.softplus(-toy_d(real[i:i + 1], 0)[0]).sum() for i in range(micro)) \
+        + gamma / 2 * penalty.mean()
+    g_official = grads(official)
+    monkeypatch.setattr(d2o, "r1_gamma", gamma)
+    ours = d2o.discriminator_loss(toy_d(fake, 0), toy_d(real, 0)) + \
+        d2o.r1_weight(micro) / 2 * d2o.r1_penalty(toy_d, real, text).mean()
+    torch.testing.assert_close(grads(ours) * micro, g_official)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_cached_real_round_trips_equal_the_recomputed_ones(sd, monkeypatch, cache):
+    vae = sd[1]
+    u8 = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    monkeypatch.setattr(d2o, "real_through_vae", True)
+    monkeypatch.setattr(d2o, "cache_real_vae", cache)
+    reals = d2o.RealRoundTrips(u8)
+    cpu = torch.device("cpu")
+    fresh = d2o.real_images(vae, u8[[3, 1, 7]], cpu)
+    first = reals(vae, [3, 1, 7], cpu)
+    calls, recompute = [], d2o.real_images
+    monkeypatch.setattr(d2o, "real_images", lambda *a: calls.append(a) or recompute(*a))
+    again = reals(vae, [7, 3, 1], cpu)  # from the cache: no VAE call
+    if cache:
+        assert calls == [] and reals.done.sum() == 3
+        assert torch.equal(first, fresh.half().float()) and torch.equal(again, first[[2, 0, 1]])
+        assert (first - fresh).abs().max() < 1e-3  # fp16 of values in [-1, 1]: far below one 8-bit level
+    else:
+        assert len(calls) == 1 and reals.store is None and torch.equal(first, fresh)
+
+
+def test_fake_clamp_modes_differ_only_in_the_gradient_of_saturated_pixels(sd):
+    from common import decode
+    vae = sd[1]
+    z = (torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 6).requires_grad_(True)
+    out = {}
+    for mode in ("hard", "straight_through", "none"):
+        z.grad = None
+        x = decode(vae, z, mode)
+        x.sum().backward()
+        out[mode] = (x.detach(), z.grad.clone())
+    raw = out["none"][0]
+    assert ((raw < 0) | (raw > 1)).float().mean() > 1e-3  # (the test needs saturated pixels)
+    assert torch.equal(out["hard"][0], out["straight_through"][0]) and torch.equal(out["hard"][0], raw.clamp(0, 1))
+    torch.testing.assert_close(out["straight_through"][1], out["none"][1])
+    assert not torch.allclose(out["hard"][1], out["none"][1])
+
+
+def test_init_lora_starts_the_generator_at_the_merged_adaptor(tiny_sd, real_data, tmp_path):
+    """init_lora: D2O's generator (and its EMA) start from the HiPA-adapted UNet, exactly: with a learning rate
+    too small to move an fp32 weight, the exported UNet's one step is the adaptor's (unmerged LoRA forward)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    import hipa
+    text, vae, unet, scheduler = load_sd(tiny_sd)
+    loras = hipa.add_lora(unet, ("to_q", "to_k", "to_v", "to_out.0"), 4, 8.0)
+    g = torch.Generator().manual_seed(0)
+    for m in loras.values():
+        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.1
+    path = str(tmp_path / "pytorch_lora_weights.safetensors")
+    save_file(hipa.lora_state(loras), path)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = encode_prompts(text, ["a bag", "a sneaker"])
+    with torch.no_grad():
+        adapted = one_step_x0(unet, scheduler, x_T, cond, None, 1.0)
+        hipa.set_lora(loras, False)
+        plain = one_step_x0(unet, scheduler, x_T, cond, None, 1.0)
+    out = tmp_path / "run"
+    d2o.main(run_args(tiny_sd, real_data, out, f"--init_lora={path}", "--g_lr=1e-30", "--max_iters=2"))
+    exported = UNet2DConditionModel.from_pretrained(str(out / "unet"))
+    with torch.no_grad():
+        started = one_step_x0(exported, scheduler, x_T, cond, None, 1.0)
+    torch.testing.assert_close(started, adapted, rtol=1e-5, atol=1e-5)
+    assert (started - plain).abs().max() > 1e-2
+    with pytest.raises(SystemExit, match="d2o error: LoRA file .* not found"):
+        d2o.main(run_args(tiny_sd, real_data, tmp_path / "bad", "--init_lora=nope.safetensors"))
+    assert not (tmp_path / "bad").exists()
