@@ -793,6 +793,9 @@ def main(argv):
     it = 0
     if init_from == "resume":
         ck = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), config, d.master)
+        if ck["config"].get("init_lora", "") != init_lora:  # the frozen layers hold the merged adaptor too
+            raise SystemExit(f"resume error: the checkpoint's run started from init_lora="
+                             f"{ck['config'].get('init_lora', '')!r}, not {init_lora!r}; resume with the same one")
         if sorted(ck["g"]) != sorted(g_names):
             raise SystemExit("resume error: the checkpoint trains other UNet parameters (another freeze level?)")
         with torch.no_grad():

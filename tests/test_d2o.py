@@ -609,8 +609,10 @@ def test_init_lora_starts_the_generator_at_the_merged_adaptor(tiny_sd, real_data
     exported = UNet2DConditionModel.from_pretrained(str(out / "unet"))
     with torch.no_grad():
         started = one_step_x0(exported, scheduler, x_T, cond, None, 1.0)
-    torch.testing.assert_close(started, adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(started, adapted, rtol=1e-4, atol=1e-4)  # (as sample.py's merge: x0 amplifies by 14.6)
     assert (started - plain).abs().max() > 1e-2
+    with pytest.raises(SystemExit, match="resume error: the checkpoint's run started from init_lora="):
+        d2o.main(run_args(tiny_sd, real_data, out, "--init_from=resume", "--max_iters=3"))  # frozen layers differ
     with pytest.raises(SystemExit, match="d2o error: LoRA file .* not found"):
         d2o.main(run_args(tiny_sd, real_data, tmp_path / "bad", "--init_lora=nope.safetensors"))
     assert not (tmp_path / "bad").exists()
