@@ -1,7 +1,8 @@
 """
 LoRA files: the two layouts hipa.py and extract_lora.py write (diffusers' keys are built by hipa.lora_state; here
 kohya's, which ComfyUI and A1111 read, with the original LDM/SGM module names), and what a file says it is (its
-safetensors metadata: base model, task, rank; sample.py checks it before merging).
+safetensors metadata: base model, task, rank; checked before merging), and merge_lora, the one way an adaptor is
+merged into a UNet's weights (sample.py --lora, d2o.py init_lora).
 """
 import hashlib
 import json
