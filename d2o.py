@@ -782,12 +782,12 @@ def main(argv):
         G.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
 
-    lr_g = g_lr * (g_step_scale(scheduler) if g_lr_rule else 1.0)
+    scale = g_step_scale(scheduler) if g_lr_rule else 1.0
     if d.master:
-        print(f"generator lr {lr_g:.3g}" + (f" = g_lr {g_lr:g} x {g_step_scale(scheduler):.4f} (g_lr_rule: the "
-              f"official generator's motion of the image per step; this model's output scale {output_scale(scheduler):.2f})"
-                                            if g_lr_rule else " (g_lr_rule=False: as given)"))
-    opt_g = torch.optim.Adam(g_params, lr=lr_g, betas=(0.0, 0.99), eps=1e-8)
+        print(f"generator lr {g_lr * scale:.3g} = g_lr {g_lr:g} x {scale:.4f} " + (
+            f"(g_lr_rule: the official generator's motion of the image per step; this model's output scale "
+            f"{output_scale(scheduler):.2f})" if g_lr_rule else "(g_lr_rule=False: as given)"))
+    opt_g = torch.optim.Adam(g_params, lr=g_lr * scale, betas=(0.0, 0.99), eps=1e-8)
     c = r1_interval / (r1_interval + 1) if r1_gamma > 0 else 1.0  # lazy regularisation (StyleGAN2)
     opt_d = torch.optim.Adam(d_params, lr=d_lr * c, betas=(0.0, 0.99 ** c), eps=1e-8)
     it = 0
