@@ -649,6 +649,7 @@ def plot_curve(jsonl, png, refs=()):
         for i, (k, value, text) in enumerate(r for r in refs if r[0] == key):
             ax.axhline(value, color="grey" if len(runs) > 1 else f"C{i + 1}", ls=("--", ":", "-.")[i % 3], label=text)
         ax.legend(fontsize=7)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
         ax.set_xlabel("real images seen by the discriminator")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

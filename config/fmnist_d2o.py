@@ -27,7 +27,9 @@ ema_rampup = 0.05
 r1_gamma = 1e-4
 r1_interval = 16
 cache_real_vae = True  # the reals' VAE round trips kept after their first use (0.37 GB of RAM)
-# The paper reaches CIFAR FID 3.6 after 0.2 M images; a 30-minute CPU budget buys 400 x 32 = 12.8k images.
+# The paper reaches CIFAR FID 3.6 after 0.2 M images; a 30-minute CPU budget buys 400 x 32 = 12.8k images. The
+# paper's batch is 256: `make demo-d2o-long` runs it (--batch_size=256 --grad_accum=8) to 0.2 M images; at 32 the
+# curve turns back after ~1,200 steps (38.4k images), a clock set by steps, not images (docs/d2o.md).
 batch_size = 32
 max_iters = 400
 log_interval = 10
