@@ -2,7 +2,8 @@
 Evaluate folders of generated images (sample.py's out_dir) against a reference set, in one table:
   FID       Frechet distance of feature statistics: Inception-v3 pool features (the TorchScript network of
             StyleGAN2-ADA / EDM / clean-fid), or, offline on Fashion-MNIST, the features of a small classifier
-            trained here: 'fid_fmnist_classifier', comparable with itself only, never with Inception FID;
+            (assets/fmnist_classifier.safetensors, the same in every clone): 'fid_fmnist_classifier', never
+            comparable with Inception FID;
   IS        the Inception Score, or on Fashion-MNIST 'caption_accuracy': the share of images the classifier
             puts in the class their prompt names (the CLIP score's offline analogue);
   CLIP      (clip_model set) mean cosine of the CLIP embeddings of image and prompt, a fraction (0.31, not 31);
@@ -57,6 +58,11 @@ device = "auto"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NOT_SAMPLES = {"grid.png", "compare.png", "metrics_spectrum.png"}  # sample.py's and our own pictures
 CLF = {"widths": [16, 32, 64, 128], "epochs": 3, "batch_size": 256, "lr": 3e-3, "seed": 0}  # classifier recipe
+# The recipe's weights depend on the machine and the thread count (FIDs move by a few tenths), so the repo ships one
+# training of it, used wherever the data and recipe match (its metadata 'key'): FID(fmnist-clf) then means the same
+# in every clone. Made with one thread on the 2-core CPU machine: `OMP_NUM_THREADS=1 python eval_fid.py
+# --gen=<any folder>`, then out/eval_cache/fmnist_classifier_<key>.safetensors copied here.
+SHIPPED_CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "fmnist_classifier.safetensors")
 
 Source = namedtuple("Source", "name n paths array prompts")  # image files (paths) or a (N, H, W, 3) uint8 array
 
@@ -189,18 +195,22 @@ def train_classifier(images, labels):
 
 
 def fmnist_classifier(data_dir, cache_dir):
-    """(classifier in eval mode, its test accuracy) for a prepared Fashion-MNIST dir: trained once on the train
+    """(classifier in eval mode, its test accuracy) for a prepared Fashion-MNIST dir: the shipped one
+    (SHIPPED_CLASSIFIER) where it was trained on the same data with the same recipe, else trained once on the train
     split, then loaded from cache_dir (safetensors, keyed by the data's meta.json and the recipe)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     with open(os.path.join(data_dir, "meta.json")) as f:
         key = hashlib.sha1(json.dumps([json.load(f), CLF], sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"fmnist_classifier_{key}.safetensors")
-    if os.path.exists(path):
-        net = FmnistNet()
-        net.load_state_dict(load_file(path))
-        with safe_open(path, "pt") as f:
-            return net.eval(), float(f.metadata()["test_accuracy"])
+    for p in (SHIPPED_CLASSIFIER, path):
+        if os.path.exists(p):
+            with safe_open(p, "pt") as f:
+                meta = f.metadata()
+            if p == path or meta.get("key") == key:
+                net = FmnistNet()
+                net.load_state_dict(load_file(p))
+                return net.eval(), float(meta["test_accuracy"])
     t0 = time.time()
     images, rows = load_split(data_dir, "train")
     with torch.random.fork_rng():
@@ -210,7 +220,7 @@ def fmnist_classifier(data_dir, cache_dir):
         preds = torch.cat([net(fmnist_input(images[s: s + 1000]))[1].argmax(1) for s in range(0, len(rows), 1000)])
     acc = (preds == torch.tensor([r["label"] for r in rows])).float().mean().item()
     os.makedirs(cache_dir, exist_ok=True)
-    save_file(net.state_dict(), path + ".tmp", metadata={"test_accuracy": str(acc)})
+    save_file(net.state_dict(), path + ".tmp", metadata={"test_accuracy": str(acc), "key": key})
     os.replace(path + ".tmp", path)
     print(f"fmnist classifier: test accuracy {acc:.2%} after {time.time() - t0:.0f}s of training -> {path}")
     return net, acc

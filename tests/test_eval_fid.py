@@ -205,6 +205,31 @@ def test_classifier_trains_once_deterministically_then_loads_from_the_cache(tmp_
         assert cached_acc == acc and torch.equal(cached(x)[0], net(x)[0])
 
 
+def test_a_shipped_classifier_is_used_only_for_the_data_and_recipe_it_was_trained_on(tmp_path, data, monkeypatch):
+    from safetensors.torch import save_file
+    net, acc = eval_fid.fmnist_classifier(data, str(tmp_path / "a"))  # the cache's file carries its key
+    [cached] = (tmp_path / "a").glob("fmnist_classifier_*.safetensors")
+    shipped = tmp_path / "shipped.safetensors"
+    monkeypatch.setattr(eval_fid, "SHIPPED_CLASSIFIER", str(shipped))
+    monkeypatch.setattr(eval_fid, "train_classifier", lambda *a: pytest.fail("trained although shipped"))
+    other = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    save_file(other, str(shipped), metadata={"test_accuracy": "0.5", "key": cached.name[len("fmnist_classifier_"):-12]})
+    loaded, loaded_acc = eval_fid.fmnist_classifier(data, str(tmp_path / "b"))  # nothing cached in b: the shipped one
+    assert loaded_acc == 0.5 and all(torch.equal(v, loaded.state_dict()[k]) for k, v in other.items())
+    save_file(other, str(shipped), metadata={"test_accuracy": "0.5", "key": "another-data"})
+    assert eval_fid.fmnist_classifier(data, str(tmp_path / "a"))[1] == acc  # a key that differs: not used
+
+
+def test_the_repo_ships_the_classifier_of_the_prepared_fashion_mnist(tmp_path, monkeypatch):
+    from common import update_meta
+    for split, n in (("train", 60000), ("test", 10000)):  # the meta.json prepare_fmnist.py writes
+        update_meta(str(tmp_path), split, n, 32, 32, "fashion-mnist")
+    monkeypatch.setattr(eval_fid, "train_classifier", lambda *a: pytest.fail(
+        "assets/fmnist_classifier.safetensors was not trained on this data format or recipe: retrain and ship it"))
+    net, acc = eval_fid.fmnist_classifier(str(tmp_path), str(tmp_path / "cache"))
+    assert acc > 0.9 and not (tmp_path / "cache").exists()
+
+
 def test_clip_score_is_the_mean_cosine_of_image_and_prompt(tmp_path, tiny_inception):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
