@@ -518,7 +518,7 @@ def evaluate(gen_dirs, ref, d=None, **options):
 
 def print_table(rows, kind, net_id, ref):
     if kind == "fmnist":
-        print(f"FID on the features of a small classifier trained here (test accuracy {net_id['test_accuracy']:.2%}): "
+        print(f"FID on the features of the small Fashion-MNIST classifier (test accuracy {net_id['test_accuracy']:.2%}): "
               f"comparable only with other fmnist-classifier FIDs, never with Inception FID. Reference: {ref}")
         cols = [("FID(fmnist-clf)", "fid_fmnist_classifier", "{:.3f}"), ("caption acc", "caption_accuracy", "{:.1%}")]
     else:
