@@ -60,8 +60,9 @@ NOT_SAMPLES = {"grid.png", "compare.png", "metrics_spectrum.png"}  # sample.py's
 CLF = {"widths": [16, 32, 64, 128], "epochs": 3, "batch_size": 256, "lr": 3e-3, "seed": 0}  # classifier recipe
 # The recipe's weights depend on the machine and the thread count (FIDs move by a few tenths), so the repo ships one
 # training of it, used wherever the data and recipe match (its metadata 'key'): FID(fmnist-clf) then means the same
-# in every clone. Made with one thread on the 2-core CPU machine: `OMP_NUM_THREADS=1 python eval_fid.py
-# --gen=<any folder>`, then out/eval_cache/fmnist_classifier_<key>.safetensors copied here.
+# in every clone. Made with one thread on the 2-core CPU machine: with this file moved away, `OMP_NUM_THREADS=1
+# python eval_fid.py --gen=<any folder>` trains out/eval_cache/fmnist_classifier_<key>.safetensors (its metadata
+# carries the key), copied here.
 SHIPPED_CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "fmnist_classifier.safetensors")
 
 Source = namedtuple("Source", "name n paths array prompts")  # image files (paths) or a (N, H, W, 3) uint8 array

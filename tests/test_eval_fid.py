@@ -206,14 +206,17 @@ def test_classifier_trains_once_deterministically_then_loads_from_the_cache(tmp_
 
 
 def test_a_shipped_classifier_is_used_only_for_the_data_and_recipe_it_was_trained_on(tmp_path, data, monkeypatch):
+    from safetensors import safe_open
     from safetensors.torch import save_file
-    net, acc = eval_fid.fmnist_classifier(data, str(tmp_path / "a"))  # the cache's file carries its key
+    net, acc = eval_fid.fmnist_classifier(data, str(tmp_path / "a"))
     [cached] = (tmp_path / "a").glob("fmnist_classifier_*.safetensors")
+    with safe_open(str(cached), "pt") as f:
+        key = f.metadata()["key"]  # the cache's file carries its key: copied to assets/, it is the shipped one
     shipped = tmp_path / "shipped.safetensors"
     monkeypatch.setattr(eval_fid, "SHIPPED_CLASSIFIER", str(shipped))
     monkeypatch.setattr(eval_fid, "train_classifier", lambda *a: pytest.fail("trained although shipped"))
     other = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
-    save_file(other, str(shipped), metadata={"test_accuracy": "0.5", "key": cached.name[len("fmnist_classifier_"):-12]})
+    save_file(other, str(shipped), metadata={"test_accuracy": "0.5", "key": key})
     loaded, loaded_acc = eval_fid.fmnist_classifier(data, str(tmp_path / "b"))  # nothing cached in b: the shipped one
     assert loaded_acc == 0.5 and all(torch.equal(v, loaded.state_dict()[k]) for k, v in other.items())
     save_file(other, str(shipped), metadata={"test_accuracy": "0.5", "key": "another-data"})
