@@ -455,9 +455,9 @@ def evaluate(gen_dirs, ref, d=None, **options):
                 raise SystemExit(f"eval error: the prompt of {path} ('{p}') names no Fashion-MNIST class")
 
     if kind == "fmnist":
-        if d.master:
-            fmnist_classifier(ref, o.cache_dir)  # trains it once, while the other ranks wait
-        if d.ddp:
+        if d.ddp:  # rank 0 trains it once (where it is not shipped or cached) while the other ranks wait
+            if d.master:
+                fmnist_classifier(ref, o.cache_dir)
             dist.barrier()
         net, acc = fmnist_classifier(ref, o.cache_dir)
         net, net_id = net.to(d.device), {"classifier": CLF, "test_accuracy": acc}
