@@ -10,8 +10,8 @@ freeze = 1  # D2O-F: the paper's best setting (Table 3)
 guidance = 1.0  # the paper's generators use no guidance; the conditional discriminator carries the caption
 # The official code's EfficientNet-Lite0 (ImageNet; offline, efficientnet_lite.py). The paper resizes to 224;
 # here 64 px, a CPU trade-off (batch 32, 1 thread: features fwd+bwd 0.24 s at 64, 0.98 s at 128, 3.0 s at 224).
-# At 128 px, seed 0, this config: FID(fmnist-clf) 4.81 against 5.46 at 400 steps (issue 10's config: 4.84 against
-# 5.58), for 2.3x the time: past make demo-d2o's 20 minutes (docs/d2o.md, "On the shipped classifier").
+# At 128 px this config's FID(fmnist-clf) at 400 steps is 4.81 against 5.46 (seed 0) and 4.89 against 5.50 (seed 1),
+# for 2.3x the time: past make demo-d2o's 20 minutes (docs/d2o.md, "Three seeds on the shipped classifier").
 backbones = ("lite0",)
 lite0_size = 64
 joint_batch = True  # real and fake share the heads' BatchNorm statistics (see ProjectedDiscriminator.fake_and_real)
