@@ -11,7 +11,8 @@ guidance = 1.0  # the paper's generators use no guidance; the conditional discri
 # The official code's EfficientNet-Lite0 (ImageNet; offline, efficientnet_lite.py). The paper resizes to 224;
 # here 64 px, a CPU trade-off (batch 32, 1 thread: features fwd+bwd 0.24 s at 64, 0.98 s at 128, 3.0 s at 224).
 # At 128 px this config's FID(fmnist-clf) at 400 steps is 4.81 against 5.46 (seed 0) and 4.89 against 5.50 (seed 1),
-# for 2.3x the time: past make demo-d2o's 20 minutes (docs/d2o.md, "Three seeds on the shipped classifier").
+# for 2.3x the time; at 224, 4.71 (seed 0) for 4.5x: past make demo-d2o's 20 minutes (docs/d2o.md, "The
+# discriminator at 224 px").
 backbones = ("lite0",)
 lite0_size = 64
 joint_batch = True  # real and fake share the heads' BatchNorm statistics (see ProjectedDiscriminator.fake_and_real)
