@@ -10,7 +10,7 @@ freeze = 1  # D2O-F: the paper's best setting (Table 3)
 guidance = 1.0  # the paper's generators use no guidance; the conditional discriminator carries the caption
 # The official code's EfficientNet-Lite0 (ImageNet; offline, efficientnet_lite.py). The paper resizes to 224;
 # here 64 px, a CPU trade-off (batch 32, 1 thread: features fwd+bwd 0.24 s at 64, 0.98 s at 128, 3.0 s at 224).
-# At 128 px this config's FID(fmnist-clf) at 400 steps is 4.81 against 5.46 (seed 0) and 4.89 against 5.50 (seed 1),
+# At 128 px this config's FID(fmnist-clf) at 400 steps is 4.81 / 4.89 / 5.15 against 5.46 / 5.50 / 5.06 (seeds 0-2),
 # for 2.3x the time; at 224, 4.71 (seed 0) for 4.5x: past make demo-d2o's 20 minutes (docs/d2o.md, "The
 # discriminator at 224 px").
 backbones = ("lite0",)
